@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is set up by these.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format bench-toy2d clean
+
+# The venv is rebuilt whenever the dependency pins change. The constraints file pins torch==2.13.0
+# (the CPU build; a bare `torch` pulls a multi-GB CUDA build) and every other package.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/rcm demo
+
+test: $(STAMP)
+	bash scripts/test.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-toy2d: $(STAMP)
+	$(VENV)/bin/rcm bench toy2d --out runs/bench-toy2d
+
+clean:
+	rm -rf runs .pytest_cache

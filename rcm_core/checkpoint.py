@@ -1,0 +1,56 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) of a `Stateful` app state into `step-<N>/` directories.
+
+A checkpoint directory holds the DCP shards, then `manifest.json`, written last: a directory without a
+manifest is an interrupted save and is never taken as the latest. Works in one process (DCP's
+no-process-group mode) and, unchanged, with one shard per rank under torch.distributed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+MANIFEST = "manifest.json"
+
+
+def save_checkpoint(app: Stateful, root: Path, step: int, *, extra: dict[str, Any] | None = None) -> Path:
+    """Save `app` to root/step-<step>/; returns the directory."""
+    out = root / f"step-{step}"
+    if out.exists():
+        shutil.rmtree(out)  # a stale or partial save of the same step
+    out.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"app": app}, checkpoint_id=str(out))
+    manifest = {"step": step, "format": "dcp", **(extra or {})}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out / MANIFEST)
+    return out
+
+
+def load_checkpoint(app: Stateful, path: Path) -> dict[str, Any]:
+    """Load `app` in place from a checkpoint directory; returns its manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MANIFEST})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load({"app": app}, checkpoint_id=str(path))
+    return json.loads(manifest_path.read_text())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under root, or None."""
+    best: tuple[int, Path] | None = None
+    for d in root.glob("step-*"):
+        if (d / MANIFEST).is_file() and d.name[5:].isdigit():
+            step = int(d.name[5:])
+            best = max(best, (step, d)) if best else (step, d)
+    return best[1] if best else None

@@ -1,0 +1,235 @@
+"""`rcm`: command-line interface for distillation, sampling, evaluation and the built-in benchmarks.
+
+Bad input (unknown config key, bad value, missing file) exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from rcm_core.config import PRESETS, ConfigError, DistillConfig, apply_overrides, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def print_reporter(kind: str, **f) -> None:
+    """Human-readable progress lines for the pipeline's events."""
+    if kind == "step":
+        extras = " ".join(f"{k}={f[k]:.4f}" for k in ("scm_loss", "dmd_loss", "fake_score_loss") if k in f)
+        print(
+            f"[distill] step {f['step']:>6}/{f['total']}  loss={f['loss']:.4f} {extras}  "
+            f"{1000 * f['step_seconds']:.0f} ms/step  eta {_fmt_eta(f['eta'])}",
+            flush=True,
+        )
+    elif kind == "teacher_progress":
+        print(f"[teacher] step {f['step']:>6}/{f['total']}  loss={f['loss']:.4f}", flush=True)
+    elif kind == "teacher_training":
+        print(f"[teacher] no cached teacher; training one ({f['steps']} steps) -> {f['path']}", flush=True)
+    elif kind in ("teacher_trained", "teacher_cached"):
+        print(f"[teacher] {kind.split('_')[1]}: {f['path']}", flush=True)
+    elif kind == "checkpoint":
+        print(f"[checkpoint] step {f['step']} -> {f['path']}", flush=True)
+    elif kind == "resumed":
+        print(f"[resume] from step {f['step']} ({f['path']})", flush=True)
+
+
+def _config_from_args(args) -> DistillConfig:
+    cfg = load_config(args.config) if getattr(args, "config", None) else PRESETS[args.preset]()
+    return apply_overrides(cfg, args.set or [])
+
+
+def cmd_distill(args) -> int:
+    from rcm_core import pipeline
+
+    cfg = _config_from_args(args)
+    start = time.perf_counter()
+    distiller = pipeline.distill(cfg, resume=not args.no_resume, reporter=print_reporter)
+    print(f"[distill] done: {distiller.step} steps in {time.perf_counter() - start:.0f}s -> {cfg.train.output_dir}")
+    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval", teacher_steps=[1, 4, 32])
+    print(_table(rows))
+    return 0
+
+
+def cmd_teacher_train(args) -> int:
+    from rcm_core import pipeline
+
+    cfg = _config_from_args(args)
+    if args.out:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(Path(args.out) / "run")))
+    _, meta, path = pipeline.get_teacher(cfg, print_reporter)
+    print(json.dumps({"path": str(path), **meta}, indent=2))
+    return 0
+
+
+def _load_checkpoint_arg(path: str):
+    from rcm_core import pipeline
+    from rcm_core.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not (p / "manifest.json").is_file():
+        latest = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
+        if latest is None:
+            raise ConfigError(f"--checkpoint: {p} is neither a checkpoint directory nor a run directory with one")
+        p = latest
+    return pipeline.load_student(p)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from rcm_core import pipeline
+
+    distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
+    model = distiller.ema.model if args.ema else distiller.student
+    x = pipeline.sample_student(model, distiller.task, args.num_samples, args.steps, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        from rcm_core.eval.toy2d import scatter_grid
+
+        scatter_grid([(f"student {args.steps}-step", x)], out, columns=1)
+    elif out.suffix == ".csv":
+        out.write_text("x,y\n" + "".join(f"{a:.6f},{b:.6f}\n" for a, b in x.tolist()))
+    else:
+        torch.save(x, out)
+    print(f"[sample] {args.num_samples} samples, {args.steps} step(s) -> {out}")
+    return 0
+
+
+def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_steps: list[int]) -> list[dict]:
+    from rcm_core import pipeline
+    from rcm_core.eval.toy2d import save_report, scatter_grid
+
+    task, n, seed = distiller.task, cfg.eval.num_samples, cfg.train.seed + 1000
+    entries = [
+        pipeline.teacher_entry(distiller.teacher, task, cfg.teacher.guidance_scale, teacher_steps, seed),
+        pipeline.student_entry("student (EMA)", distiller.ema.model, task, cfg.eval.student_steps, seed),
+    ]
+    rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
+    report = save_report(rows, out_dir, extra={"step": distiller.step, "config": dataclasses.asdict(cfg)})
+    grid = scatter_grid(list(samples.items()), out_dir / "samples.png")
+    print(f"[eval] report -> {report}, grid -> {grid}")
+    return rows
+
+
+def cmd_eval(args) -> int:
+    distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
+    if args.steps:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, student_steps=args.steps))
+    if args.num_samples:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=args.num_samples))
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    print(_table(_eval_checkpoint(distiller, cfg, out, teacher_steps=cfg.eval.teacher_steps)))
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    from rcm_core.eval.toy2d import format_table
+
+    return format_table(rows)
+
+
+def cmd_demo(args) -> int:
+    """rCM on the 2-D ring with the short CPU schedule; prints teacher vs. student at 1/2/4 steps."""
+    from rcm_core import pipeline
+
+    cfg = apply_overrides(PRESETS["toy2d-rcm"](), [f"train.output_dir={args.out}"] + (args.set or []))
+    print(f"[demo] rCM distillation of a 2-D flow teacher ({cfg.train.steps} steps) -> {cfg.train.output_dir}")
+    start = time.perf_counter()
+    distiller = pipeline.distill(cfg, resume=False, reporter=print_reporter)
+    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval", teacher_steps=[1, 2, 4, 32])
+    print(_table(rows))
+    print(f"[demo] total {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from rcm_core.benchmarks.toy2d import run_toy2d_benchmark
+
+    table, files = run_toy2d_benchmark(Path(args.out), overrides=args.set or [], reporter=print_reporter)
+    print(table)
+    print("[bench] saved " + ", ".join(map(str, files)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rcm", description="rCM distillation: distill a flow/diffusion teacher into a few-step student.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add_config(sp, *, required: bool = False):
+        if required:
+            sp.add_argument("config", help="YAML config (see configs/)")
+        else:
+            sp.add_argument("--config", help="YAML config (default: the preset)")
+        sp.add_argument("--preset", default="toy2d-rcm", choices=sorted(PRESETS), help="base config")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=500")
+
+    d = sub.add_parser("distill", help="distill a student from a YAML config")
+    add_config(d, required=True)
+    d.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
+    d.set_defaults(func=cmd_distill)
+
+    t = sub.add_parser("teacher", help="teacher commands")
+    tsub = t.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
+    tt = tsub.add_parser("train", help="train (or find cached) the built-in teacher")
+    add_config(tt)
+    tt.add_argument("--out", help="directory for the teacher (default: next to the run directory)")
+    tt.set_defaults(func=cmd_teacher_train)
+
+    s = sub.add_parser("sample", help="sample from a checkpoint")
+    s.add_argument("--checkpoint", required=True, help="checkpoint dir (step-N) or run dir (latest)")
+    s.add_argument("--steps", type=int, default=4, help="student sampling steps")
+    s.add_argument("--num-samples", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights")
+    s.add_argument("--out", required=True, help=".png (scatter), .csv, or .pt (tensor)")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint against its teacher: JSON report + PNG grid")
+    e.add_argument("--checkpoint", required=True, help="checkpoint dir (step-N) or run dir (latest)")
+    e.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")], help="student steps, e.g. 1,2,4")
+    e.add_argument("--num-samples", type=int)
+    e.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("demo", help="the short CPU demo: rCM on the 2-D benchmark")
+    m.add_argument("--out", default="runs/demo", help="run directory")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE")
+    m.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="full 2-D table: teacher vs sCM / DMD / rCM students")
+    b.add_argument("task", choices=["toy2d"])
+    b.add_argument("--out", default="runs/bench-toy2d")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every student run")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"rcm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rcm: interrupted (the last checkpoint is kept; rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

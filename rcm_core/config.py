@@ -1,0 +1,297 @@
+"""Configuration: kw_only dataclasses per concern, presets as functions, strict dict/YAML loading.
+
+`load_config` / `config_from_dict` turn a YAML file or a JSON-like dict (the service's job spec, later)
+into a `DistillConfig` once; an unknown key or a bad value raises `ConfigError` naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user configuration is invalid; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class Toy2DDataConfig:
+    dataset: Literal["ring8", "grid25"] = "ring8"  # which mixture of Gaussians
+    mode_std: float = 0.05  # std of each Gaussian, in data units (data is scaled to about unit variance)
+
+    def __post_init__(self) -> None:
+        if not self.mode_std > 0:
+            raise ValueError(f"mode_std must be > 0, got {self.mode_std}")
+
+
+@dataclass(kw_only=True)
+class MLPConfig:
+    hidden_dim: int = 128  # width of the residual MLP
+    num_layers: int = 3  # residual blocks
+    time_embed_dim: int = 64  # sinusoidal features of the time input
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_dim", "num_layers", "time_embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    path: str | None = None  # teacher checkpoint (safetensors); None = train one (cached in output_dir/..)
+    parameterization: Literal["rf", "trigflow"] = "rf"  # what the teacher network predicts
+    guidance_scale: float = 1.5  # CFG weight w: F = F_uncond + w * (F_cond - F_uncond); 1 = no guidance
+    train_steps: int = 3000  # only when the teacher is trained here
+    train_batch_size: int = 512  # samples per teacher step
+    train_lr: float = 2e-3  # AdamW learning rate of teacher training
+    label_dropout: float = 0.1  # probability of the null condition during teacher training (for CFG)
+
+    def __post_init__(self) -> None:
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    scm_weight: float = 1.0  # weight of L_sCM (0 = DMD-only)
+    dmd_weight: float = 0.01  # lambda, weight of L_DMD (0 = sCM-only); the paper's default is 0.01
+    p_mean: float = 0.0  # log-normal proposal on tan t: mean of log tan t (sCM uses -0.8; 0 measured better in 2-D)
+    p_std: float = 1.6  # ... and its std
+    tangent_warmup_steps: int = 200  # r ramps linearly 0 -> 1 over these student steps
+    tangent_norm_c: float = 0.1  # c in g / (||g|| + c)
+    time_derivative: Literal["exact", "semi_continuous"] = "exact"  # JVP in t, or finite difference in t
+    fd_step: float = 1e-4  # finite-difference time step of the semi-continuous variant (radians)
+    max_rollout_steps: int = 4  # N_max: student rollouts draw N in [1, N_max]
+    critic_ratio: int = 4  # fake-score updates per student update
+    dmd_s_min: float = 0.02  # DMD / fake-score noise levels, uniform in RF time s
+    dmd_s_max: float = 0.98
+
+    def __post_init__(self) -> None:
+        if self.scm_weight < 0 or self.dmd_weight < 0:
+            raise ValueError("scm_weight and dmd_weight must be >= 0")
+        if self.scm_weight == 0 and self.dmd_weight == 0:
+            raise ValueError("scm_weight and dmd_weight are both 0: nothing to train")
+        if self.p_std <= 0:
+            raise ValueError(f"p_std must be > 0, got {self.p_std}")
+        if not 0 < self.fd_step < 0.1:
+            raise ValueError(f"fd_step must be in (0, 0.1), got {self.fd_step}")
+        if self.max_rollout_steps < 1 or self.critic_ratio < 1 or self.tangent_warmup_steps < 0:
+            raise ValueError("max_rollout_steps and critic_ratio must be >= 1, tangent_warmup_steps >= 0")
+        if not 0 < self.dmd_s_min < self.dmd_s_max < 1:
+            raise ValueError(f"need 0 < dmd_s_min < dmd_s_max < 1, got {self.dmd_s_min}, {self.dmd_s_max}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4  # student AdamW learning rate
+    fake_lr: float = 1e-3  # fake-score AdamW learning rate
+    beta1: float = 0.0  # AdamW betas; beta1 = 0 as in sCM/DMD2 for few-step distillation
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decay to 10% of lr at train.steps
+    ema_sigma_rel: float = 0.05  # EDM2 power-function EMA width (relative std of the averaging profile)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.fake_lr <= 0:
+            raise ValueError("lr and fake_lr must be > 0")
+        if not 0 < self.ema_sigma_rel < 0.28:
+            raise ValueError(f"ema_sigma_rel must be in (0, 0.28), got {self.ema_sigma_rel}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1500  # student updates
+    batch_size: int = 256  # samples per update
+    seed: int = 0
+    log_every: int = 100  # steps between progress lines
+    checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
+    output_dir: str = "runs/toy2d-rcm"  # checkpoints, reports and plots go here
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("steps, batch_size, log_every must be >= 1 and checkpoint_every >= 0")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    num_samples: int = 4000  # samples per evaluated sampler
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # student sampling steps
+    teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 32])  # teacher Euler steps
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 10 or not self.student_steps or min(self.student_steps + self.teacher_steps) < 1:
+            raise ValueError("num_samples must be >= 10 and every step count >= 1")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    task: Literal["toy2d"] = "toy2d"  # the built-in task
+    data: Toy2DDataConfig = field(default_factory=Toy2DDataConfig)
+    model: MLPConfig = field(default_factory=MLPConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+
+def toy2d_rcm() -> DistillConfig:
+    """rCM on the 8-Gaussian ring: L = L_sCM + 0.01 * L_DMD."""
+    return DistillConfig()
+
+
+def toy2d_scm() -> DistillConfig:
+    cfg = toy2d_rcm()
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, dmd_weight=0.0))
+
+
+def toy2d_dmd() -> DistillConfig:
+    cfg = toy2d_rcm()
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, scm_weight=0.0, dmd_weight=1.0))
+
+
+PRESETS = {"toy2d-rcm": toy2d_rcm, "toy2d-scm": toy2d_scm, "toy2d-dmd": toy2d_dmd}
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check and convert `value` to type `tp`; raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, choices))}; got {_describe(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {_describe(value)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        return [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {_describe(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # programming error, not user input
+
+
+def _build(cls: type, data: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def config_from_dict(data: dict[str, Any], *, base: DistillConfig | None = None) -> DistillConfig:
+    """Validate a dict against `DistillConfig`, starting from `base` (defaults when None)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {_describe(data)}")
+    merged = _merge(config_to_dict(base or DistillConfig()), data)
+    return _build(DistillConfig, merged, "")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> DistillConfig:
+    """Read a YAML file; `preset: NAME` at the top picks the base the rest of the file overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    preset = data.pop("preset", "toy2d-rcm")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}; got {_describe(preset)}")
+    return config_from_dict(data, base=PRESETS[preset]())
+
+
+def apply_overrides(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
+    """Apply `section.key=value` overrides (values parsed as YAML scalars)."""
+    update: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        node = update
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(update, base=cfg)

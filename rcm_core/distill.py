@@ -1,0 +1,161 @@
+"""The rCM distillation step: L_rCM = L_sCM + lambda * L_DMD, alternating with fake-score updates.
+
+One `train_step` (rCM, arXiv 2510.08431, Sec. 3):
+  1. critic: `critic_ratio` flow-matching updates of the fake score on fresh student rollouts (no grad);
+  2. student: sCM on data noised at log-normal times (JVP of the student along the CFG teacher's ODE),
+     plus lambda * DMD on a rollout of N ~ U{1..N_max} steps with gradient through the last step only;
+  3. EMA update.
+sCM-only and DMD-only are this code with one weight set to zero. All randomness comes from one
+torch.Generator whose state is checkpointed, so a resumed run reproduces the next step exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from rcm_core import trigflow
+from rcm_core.config import DistillConfig
+from rcm_core.ema import PowerFunctionEMA
+from rcm_core.losses.dmd import dmd_loss, fake_score_loss, rollout, rollout_times
+from rcm_core.losses.scm import scm_loss, tangent_warmup
+from rcm_core.models.flow import FlowModel, guided_f
+
+
+class Distiller(Stateful):
+    """Owns the student, its EMA, the frozen teacher, the fake score and their optimizers."""
+
+    def __init__(self, config: DistillConfig, teacher_net: torch.nn.Module, task, *, parameterization: str):
+        self.config = config
+        self.task = task
+        param = parameterization
+        self.teacher = FlowModel(teacher_net, param).eval().requires_grad_(False)
+        self.student = FlowModel(copy.deepcopy(teacher_net), param).train().requires_grad_(True)
+        self.ema = PowerFunctionEMA(self.student, config.optim.ema_sigma_rel)
+        o = config.optim
+        betas = (o.beta1, o.beta2)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+        self.fake: FlowModel | None = None
+        self.fake_opt: torch.optim.Optimizer | None = None
+        if config.loss.dmd_weight > 0:
+            # The fake score starts as the teacher: at step 0 it models the teacher, not the student.
+            self.fake = FlowModel(copy.deepcopy(teacher_net), param).train().requires_grad_(True)
+            self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=o.fake_lr, betas=betas, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _teacher_fn(self, cond):
+        null = self.task.null_cond(len(cond))
+        w = self.config.teacher.guidance_scale
+        return lambda x, t: guided_f(self.teacher, x, t, cond, null, w)
+
+    def _student_rollout(self, cond, *, with_grad: bool) -> torch.Tensor:
+        lc, gen, b = self.config.loss, self.generator, len(cond)
+        num_steps = int(torch.randint(1, lc.max_rollout_steps + 1, (1,), generator=gen))
+        times = rollout_times(num_steps, b, lc, generator=gen)
+        noise = torch.randn((b, *self.task.sample_shape), generator=gen)
+        with torch.set_grad_enabled(with_grad):
+            return rollout(lambda x, t: self.student(x, t, cond), noise, times, generator=gen)
+
+    def _dmd_times(self, b: int) -> torch.Tensor:
+        lc = self.config.loss
+        return trigflow.sample_uniform_rf_time(b, lc.dmd_s_min, lc.dmd_s_max, generator=self.generator)
+
+    def _critic_step(self) -> dict[str, float]:
+        assert self.fake is not None and self.fake_opt is not None
+        b, gen = self.config.train.batch_size, self.generator
+        cond = self.task.sample_cond(b, generator=gen)
+        x0_student = self._student_rollout(cond, with_grad=False)
+        eps = torch.randn(x0_student.shape, generator=gen)
+        loss, metrics = fake_score_loss(self.fake, x0_student, cond, t=self._dmd_times(b), eps=eps)
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.fake_opt.step()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ step
+    def train_step(self) -> dict[str, float]:
+        """One student update (preceded by `critic_ratio` fake-score updates when DMD is on)."""
+        cfg, gen = self.config, self.generator
+        lc, b = cfg.loss, cfg.train.batch_size
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.fake is not None:
+            for _ in range(lc.critic_ratio):
+                metrics.update(self._critic_step())
+
+        x0, cond = self.task.sample(b, generator=gen)
+        total = torch.zeros(())
+        if lc.scm_weight > 0:
+            t = trigflow.sample_lognormal_time(b, lc.p_mean, lc.p_std, generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            r = tangent_warmup(self.step, lc.tangent_warmup_steps)
+            loss_scm, m = scm_loss(self.student, self._teacher_fn(cond), x0, cond, t=t, eps=eps, r=r, config=lc)
+            total = total + lc.scm_weight * loss_scm
+            metrics.update(m)
+        if lc.dmd_weight > 0:
+            assert self.fake is not None
+            x0_student = self._student_rollout(cond, with_grad=True)
+            eps = torch.randn(x0_student.shape, generator=gen)
+            fake_fn = lambda x, t: self.fake(x, t, cond)  # noqa: E731
+            loss_dmd, m = dmd_loss(x0_student, self._teacher_fn(cond), fake_fn, t=self._dmd_times(b), eps=eps)
+            total = total + lc.dmd_weight * loss_dmd
+            metrics.update(m)
+
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self._set_lr()
+        if cfg.optim.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+            metrics["grad_norm"] = gnorm.item()
+        self.opt.step()
+        self.ema.update(self.student)
+        self.step += 1
+        metrics.update({"loss": total.item(), "step_seconds": time.perf_counter() - start})
+        return metrics
+
+    def _set_lr(self) -> None:
+        """Learning rate from the step alone (no scheduler state to checkpoint)."""
+        o, frac = self.config.optim, min(self.step / self.config.train.steps, 1.0)
+        scale = 1.0 if o.lr_schedule == "constant" else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        for group in self.opt.param_groups:
+            group["lr"] = o.lr * scale
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "student": get_model_state_dict(self.student),
+            "ema": self.ema.state_dict(),
+            # get_optimizer_state_dict initialises empty optimizer state on load, so DCP can fill it in place
+            "opt": get_optimizer_state_dict(self.student, self.opt),
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.fake is not None and self.fake_opt is not None:
+            state["fake"] = get_model_state_dict(self.fake)
+            state["fake_opt"] = get_optimizer_state_dict(self.fake, self.fake_opt)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.student, state["student"])
+        self.ema.load_state_dict(state["ema"])
+        set_optimizer_state_dict(self.student, self.opt, state["opt"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.fake is not None and self.fake_opt is not None:
+            set_model_state_dict(self.fake, state["fake"])
+            set_optimizer_state_dict(self.fake, self.fake_opt, state["fake_opt"])

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, reports and image grids for the built-in tasks."""

@@ -1,0 +1,181 @@
+"""A small DiT (Peebles & Xie, arXiv 2212.09748) with adaLN-zero, self-attention and optional
+cross-attention to condition tokens; float32 time path (rCM, arXiv 2510.08431, Sec. 4).
+
+Single-device code: no torch.distributed here (parallelism is applied from outside).
+Legend: B batch, C channels, Hs x Ws image size, p patch size, L = (Hs/p)(Ws/p) tokens, D model width,
+H heads, Lc condition tokens, Dc condition width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from rcm_core.models.attention import attention
+from rcm_core.models.embeddings import TimeEmbedding
+
+
+@dataclass(kw_only=True)
+class DiTConfig:
+    image_size: int = 32  # pixels per side
+    in_channels: int = 3  # image channels
+    patch_size: int = 2  # pixels per patch side
+    dim: int = 384  # model width D
+    depth: int = 12  # transformer blocks
+    num_heads: int = 6  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / D
+    cond_dim: int = 0  # width of condition tokens (0 = no cross-attention)
+    qk_norm: bool = True  # RMSNorm on q and k: keeps attention logits bounded in bf16
+    attention_backend: str = "auto"  # auto | math | fused
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+
+
+def dit_debug() -> DiTConfig:
+    """Tiny preset for tests: 2 blocks, width 64, 8x8 images."""
+    return DiTConfig(image_size=8, in_channels=3, patch_size=2, dim=64, depth=2, num_heads=2, cond_dim=32)
+
+
+def dit_small() -> DiTConfig:
+    return DiTConfig(cond_dim=256)
+
+
+def dit_debug_uncond() -> DiTConfig:
+    return replace(dit_debug(), cond_dim=0)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with (B, D) float32 modulation broadcast over tokens."""
+    return (x.to(scale.dtype) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, *, kv_dim: int | None = None, qk_norm: bool, backend: str):
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_padding_mask=None) -> torch.Tensor:
+        b, n, d = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, Nq, Dh)
+        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, Nk, Dh)
+        o = attention(self.q_norm(q), self.k_norm(k), v, key_padding_mask, backend=self.backend)  # (B, H, Nq, Dh)
+        return self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.num_heads, qk_norm=cfg.qk_norm, backend=cfg.attention_backend)
+        self.cross = None
+        if cfg.cond_dim:
+            self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+            self.cross = Attention(
+                d, cfg.num_heads, kv_dim=cfg.cond_dim, qk_norm=cfg.qk_norm, backend=cfg.attention_backend
+            )
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # shift/scale/gate for attention and MLP
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, context_mask=None) -> torch.Tensor:
+        # Modulation stays float32: it is part of the time path.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # 6 x (B, D)
+        x = x + gate1[:, None].to(x.dtype) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, L, D)
+        if self.cross is not None and context is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
+        x = x + gate2[:, None].to(x.dtype) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            shift, scale = self.ada(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, (grid*grid, dim)."""
+    half = dim // 2
+    coords = torch.arange(grid, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half // 2))
+    out = []
+    for axis in torch.meshgrid(coords, coords, indexing="ij"):
+        args = axis.flatten()[:, None] * omega[None]
+        out += [torch.sin(args), torch.cos(args)]
+    return torch.cat(out, dim=1).float()
+
+
+class DiT(nn.Module):
+    """net(x, time, cond) -> (B, C, Hs, Ws); cond is None or {"tokens": (B, Lc, Dc), "mask": (B, Lc) bool}."""
+
+    def __init__(self, cfg: DiTConfig, *, time_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.dim
+        self.grid = cfg.image_size // p
+        self.patch_embed = nn.Linear(cfg.in_channels * p * p, d)
+        self.register_buffer("pos_embed", sincos_pos_embed(d, self.grid), persistent=False)
+        self.time_embed = TimeEmbedding(d, time_dtype=time_dtype)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(d, cfg.in_channels * p * p)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.modules():  # Xavier-uniform linears with zero bias (DiT)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in (self.time_embed.mlp[0], self.time_embed.mlp[2]):  # time MLP: N(0, 0.02) as in DiT
+            nn.init.normal_(lin.weight, std=0.02)
+        for block in self.blocks:  # adaLN-zero: every residual branch starts as the identity
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+            if block.cross is not None:  # cross-attention has no gate: zero its output projection instead
+                nn.init.zeros_(block.cross.proj.weight)
+        nn.init.zeros_(self.final.ada[-1].weight)  # zero output layer: the untrained net predicts 0
+        nn.init.zeros_(self.final.ada[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        b, ch, hs, ws = x.shape
+        p, g = self.cfg.patch_size, self.grid
+        tokens = x.reshape(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)  # (B, L, C p p)
+        h = self.patch_embed(tokens) + self.pos_embed.to(x.dtype)  # (B, L, D)
+        c = self.time_embed(time)  # (B, D) float32
+        context = cond["tokens"] if cond is not None else None  # (B, Lc, Dc)
+        mask = cond.get("mask") if cond is not None else None  # (B, Lc) True = real token
+        for block in self.blocks:
+            h = block(h, c, context, mask)
+        out = self.final(h, c)  # (B, L, C p p)
+        return out.reshape(b, g, g, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, hs, ws)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["DiT", "DiTConfig", "dit_debug", "dit_small", "num_params"]

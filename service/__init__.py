@@ -1,0 +1,1 @@
+"""FastAPI control plane; arrives with the service issue. Imports no torch, rcm_core or workers."""
