@@ -1,0 +1,233 @@
+"""A procedural text-to-image task: 32x32 RGB scenes of 1-4 shapes with captions covering GenEval's
+categories (Ghosh et al., arXiv 2310.11513): single object, two objects, counting, colors, position and
+color attribution.
+
+A caption is produced from a `Prompt` (category + slots); the renderer draws a scene that satisfies it,
+choosing every attribute the caption leaves free (size, position, and colour where unspecified) at random.
+Everything is deterministic given a `numpy.random.Generator`. Held-out prompts (1/8 of each category
+with at least 8 prompts) are never drawn for training; `eval_prompts` is the evaluation set.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IMAGE_SIZE = 32
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
+SIZES = {"small": 4, "large": 6}  # half-extent in pixels
+RELATIONS = ("left of", "right of", "above", "below")
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+HELD_OUT_BUCKETS = 8  # 1 in 8 prompts of each category with at least 8 is held out of training
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A caption's meaning. `objects` holds (shape, colour or None) slots; `count` and `relation` as needed."""
+
+    category: str
+    objects: tuple[tuple[str, str | None], ...]
+    count: int = 1
+    relation: str | None = None
+
+    def caption(self) -> str:
+        def name(shape: str, color: str | None) -> str:
+            return f"{color} {shape}" if color else shape
+
+        (s0, c0), *rest = self.objects
+        if self.category in ("single_object", "colors"):
+            return f"a photo of a {name(s0, c0)}"
+        if self.category == "counting":
+            return f"a photo of {COUNT_WORDS[self.count]} {s0}s"
+        s1, c1 = rest[0]
+        if self.category == "position":
+            return f"a photo of a {s0} {self.relation} a {s1}"
+        return f"a photo of a {name(s0, c0)} and a {name(s1, c1)}"  # two_object, color_attr
+
+    def is_held_out(self) -> bool:
+        return self.caption() in _held_out_captions()
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    cx: float  # centroid column, pixels
+    cy: float  # centroid row, pixels (grows downwards)
+    extra: dict = field(default_factory=dict)
+
+
+def _draw_prompt(rng: np.random.Generator) -> Prompt:
+    category = CATEGORIES[rng.integers(len(CATEGORIES))]
+    shapes = list(rng.permutation(SHAPES))
+    colors = list(rng.permutation(list(COLORS)))
+    if category == "single_object":
+        return Prompt(category, ((shapes[0], None),))
+    if category == "colors":
+        return Prompt(category, ((shapes[0], colors[0]),))
+    if category == "counting":
+        return Prompt(category, ((shapes[0], None),), count=int(rng.integers(2, 5)))
+    if category == "two_object":
+        return Prompt(category, ((shapes[0], None), (shapes[1], None)))
+    if category == "position":
+        return Prompt(category, ((shapes[0], None), (shapes[1], None)), relation=RELATIONS[rng.integers(4)])
+    return Prompt(category, ((shapes[0], colors[0]), (shapes[1], colors[1])))
+
+
+def sample_prompt(rng: np.random.Generator, *, split: str = "train") -> Prompt:
+    """A prompt from the grammar; `train` never returns a held-out prompt, `held_out` only those."""
+    while True:
+        prompt = _draw_prompt(rng)
+        if prompt.is_held_out() == (split == "held_out"):
+            return prompt
+
+
+def all_prompts() -> list[Prompt]:
+    """Every prompt the grammar can produce (a few hundred), in a fixed order."""
+    out: list[Prompt] = []
+    for s0 in SHAPES:
+        out.append(Prompt("single_object", ((s0, None),)))
+        out += [Prompt("colors", ((s0, c),)) for c in COLORS]
+        out += [Prompt("counting", ((s0, None),), count=n) for n in COUNT_WORDS]
+        for s1 in SHAPES:
+            if s1 == s0:
+                continue
+            out.append(Prompt("two_object", ((s0, None), (s1, None))))
+            out += [Prompt("position", ((s0, None), (s1, None)), relation=r) for r in RELATIONS]
+            out += [Prompt("color_attr", ((s0, c0), (s1, c1))) for c0 in COLORS for c1 in COLORS if c0 != c1]
+    return out
+
+
+@functools.cache
+def _held_out_captions() -> frozenset[str]:
+    """Per category, the 1/8 of prompts (rounded down) with the smallest caption hash."""
+    held: set[str] = set()
+    for category in CATEGORIES:
+        captions = sorted(
+            (p.caption() for p in all_prompts() if p.category == category),
+            key=lambda c: hashlib.sha256(c.encode()).hexdigest(),
+        )
+        held |= set(captions[: len(captions) // HELD_OUT_BUCKETS])
+    return frozenset(held)
+
+
+def held_out_prompts() -> list[Prompt]:
+    """Never drawn for training: 1/8 of the colors, counting, position and color-attribution prompts."""
+    return [p for p in all_prompts() if p.is_held_out()]
+
+
+def eval_prompts() -> list[Prompt]:
+    """The evaluation set: every held-out prompt, plus the single- and two-object prompts (too few to hold out)."""
+    return held_out_prompts() + [p for p in all_prompts() if p.category in ("single_object", "two_object")]
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def _shape_mask(shape: str, half: int) -> np.ndarray:
+    """Boolean footprint of a shape in a (2 half + 1)^2 box."""
+    n = 2 * half + 1
+    yy, xx = np.mgrid[0:n, 0:n] - half
+    if shape == "square":
+        return np.ones((n, n), dtype=bool)
+    if shape == "circle":
+        return xx**2 + yy**2 <= (half + 0.5) ** 2
+    # upward triangle: apex at the top row, full width at the bottom row
+    return np.abs(xx) <= (yy + half) / 2 + 0.25
+
+
+def _place(rng: np.random.Generator, placed: list[tuple[float, float, int]], half: int, region=None):
+    """A centre whose box keeps a 2-pixel gap to every placed object; region = (xmin, xmax, ymin, ymax)."""
+    lo, hi = half + 1, IMAGE_SIZE - half - 2
+    xmin, xmax, ymin, ymax = region or (lo, hi, lo, hi)
+    x_lo, x_hi, y_lo, y_hi = max(lo, xmin), min(hi, xmax), max(lo, ymin), min(hi, ymax)
+    if x_lo > x_hi or y_lo > y_hi:
+        return None
+    for _ in range(200):
+        cx, cy = int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(y_lo, y_hi + 1))
+        if all(max(abs(cx - px), abs(cy - py)) > half + ph + 2 for px, py, ph in placed):
+            return cx, cy
+    return None
+
+
+def _dominates(relation: str, ax: float, ay: float, bx: float, by: float) -> bool:
+    dx, dy = bx - ax, by - ay  # first object "<relation>" second
+    main, cross = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return main > abs(cross) + 2
+
+
+def _layout(prompt: Prompt, rng: np.random.Generator) -> list[SceneObject] | None:
+    slots: list[tuple[str, str | None]] = list(prompt.objects) * (prompt.count if prompt.category == "counting" else 1)
+    objects, placed = [], []
+    sizes = list(SIZES)
+    for i, (shape, color) in enumerate(slots):
+        size = "small" if prompt.category == "counting" and prompt.count >= 3 else sizes[rng.integers(2)]
+        half = SIZES[size]
+        region = None
+        if prompt.category == "position" and i == 1:
+            ax, ay = objects[0].cx, objects[0].cy
+            gap = SIZES[objects[0].size] + half + 3
+            region = {  # the second object sits on the far side of the relation from the first
+                "left of": (ax + gap, IMAGE_SIZE, 0, IMAGE_SIZE),
+                "right of": (0, ax - gap, 0, IMAGE_SIZE),
+                "above": (0, IMAGE_SIZE, ay + gap, IMAGE_SIZE),
+                "below": (0, IMAGE_SIZE, 0, ay - gap),
+            }[prompt.relation or ""]
+        centre = _place(rng, placed, half, region)
+        if centre is None:
+            return None
+        if region is not None and not _dominates(prompt.relation or "", objects[0].cx, objects[0].cy, *centre):
+            return None  # the relation must dominate the cross-axis offset by 2 px (the judge's rule, with margin)
+        placed.append((*centre, half))
+        chosen = color or list(COLORS)[rng.integers(len(COLORS))]
+        objects.append(SceneObject(shape, chosen, size, float(centre[0]), float(centre[1])))
+    return objects
+
+
+def render_scene(objects: list[SceneObject]) -> np.ndarray:
+    """(32, 32, 3) uint8 on a black background."""
+    img = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for obj in objects:
+        half = SIZES[obj.size]
+        mask = _shape_mask(obj.shape, half)
+        y0, x0 = int(obj.cy) - half, int(obj.cx) - half
+        img[y0 : y0 + 2 * half + 1, x0 : x0 + 2 * half + 1][mask] = COLORS[obj.color]
+    return img
+
+
+def render(prompt: Prompt, rng: np.random.Generator) -> tuple[np.ndarray, list[SceneObject]]:
+    """A scene satisfying `prompt` (retrying layouts that do not fit)."""
+    for _ in range(100):
+        objects = _layout(prompt, rng)
+        if objects is not None:
+            return render_scene(objects), objects
+    raise RuntimeError(f"could not lay out {prompt.caption()!r}")  # internal: every grammar prompt fits
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+class Tokenizer:
+    """Word-level tokenizer over the grammar's vocabulary; id 0 is padding, 1 unknown."""
+
+    def __init__(self, max_length: int = 12):
+        words = sorted({w for p in all_prompts() for w in p.caption().split()})
+        self.vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, max_length) int64 ids and (B, max_length) bool mask (True = real token)."""
+        ids = np.zeros((len(captions), self.max_length), dtype=np.int64)
+        for i, caption in enumerate(captions):
+            toks = [self.vocab.get(w, 1) for w in caption.lower().split()][: self.max_length]
+            ids[i, : len(toks)] = toks
+        return ids, ids != 0
