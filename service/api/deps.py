@@ -1,0 +1,40 @@
+"""Request dependencies: database session, tenant from the bearer token, cluster backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service import crud
+from service.cluster import Cluster
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_tenant(session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    tenant = crud.tenant_for_token(session, creds.credentials) if creds else None
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
+        )
+    return tenant
+
+
+def get_cluster(request: Request) -> Cluster:
+    return request.app.state.cluster
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+ClusterDep = Annotated[Cluster, Depends(get_cluster)]

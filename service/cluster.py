@@ -1,0 +1,162 @@
+"""The only module that talks to the compute cluster: Ray's Jobs REST API, MLflow's REST API and S3.
+
+`Cluster` is the interface the routes and the reconciler use; `RayCluster` implements it over HTTP so the
+control plane needs neither ray nor torch installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import boto3
+import httpx
+from botocore.config import Config
+
+from service.settings import Settings
+
+RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass
+class ClusterJobStatus:
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states)
+    message: str | None = None
+
+
+class Cluster(Protocol):
+    def create_run(self, experiment: str, job_id: str, name: str) -> str: ...
+    def submit(self, job_id: str, spec: dict[str, Any], run_id: str) -> str: ...
+    def status(self, submission_id: str) -> ClusterJobStatus: ...
+    def request_cancel(self, job_id: str) -> None: ...
+    def stop(self, submission_id: str) -> None: ...
+    def run_progress(self, run_id: str) -> dict[str, float]: ...
+    def set_run_status(self, run_id: str, status: str) -> None: ...
+    def run_url(self, run_id: str) -> str: ...
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]: ...
+    def healthy(self) -> dict[str, bool]: ...
+
+
+def s3_client(settings: Settings):
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.S3_ENDPOINT_URL,
+        aws_access_key_id=settings.S3_ACCESS_KEY,
+        aws_secret_access_key=settings.S3_SECRET_KEY,
+        region_name=settings.S3_REGION,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+    )
+
+
+def cancel_marker_key(job_id: str) -> str:
+    return f"jobs/{job_id}/CANCEL"
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    return f"ray/{job_id}/"
+
+
+class RayCluster:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        headers = {"Authorization": f"Bearer {settings.RAY_AUTH_TOKEN}"} if settings.RAY_AUTH_TOKEN else {}
+        self.ray = httpx.Client(base_url=settings.RAY_DASHBOARD_URL, headers=headers, timeout=10.0)
+        self.mlflow = httpx.Client(base_url=settings.MLFLOW_TRACKING_URI, timeout=10.0)
+        self.s3 = s3_client(settings)
+
+    # -- MLflow --------------------------------------------------------------------------------------
+    def _experiment_id(self, name: str) -> str:
+        r = self.mlflow.get("/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name})
+        if r.status_code == 200:
+            return r.json()["experiment"]["experiment_id"]
+        r = self.mlflow.post("/api/2.0/mlflow/experiments/create", json={"name": name})
+        if r.status_code != 200 and "RESOURCE_ALREADY_EXISTS" in r.text:  # created concurrently
+            return self._experiment_id(name)
+        r.raise_for_status()
+        return r.json()["experiment_id"]
+
+    def create_run(self, experiment: str, job_id: str, name: str) -> str:
+        body = {
+            "experiment_id": self._experiment_id(experiment),
+            "run_name": f"{name}-{job_id[:8]}",
+            "tags": [{"key": "rcm.job_id", "value": job_id}],
+        }
+        r = self.mlflow.post("/api/2.0/mlflow/runs/create", json=body)
+        r.raise_for_status()
+        return r.json()["run"]["info"]["run_id"]
+
+    def run_progress(self, run_id: str) -> dict[str, float]:
+        r = self.mlflow.get("/api/2.0/mlflow/runs/get", params={"run_id": run_id})
+        r.raise_for_status()
+        return {m["key"]: float(m["value"]) for m in r.json()["run"]["data"].get("metrics", [])}
+
+    def set_run_status(self, run_id: str, status: str) -> None:
+        r = self.mlflow.get("/api/2.0/mlflow/runs/get", params={"run_id": run_id})
+        if r.status_code == 200 and r.json()["run"]["info"]["status"] == "RUNNING":
+            self.mlflow.post("/api/2.0/mlflow/runs/update", json={"run_id": run_id, "status": status})
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.settings.MLFLOW_TRACKING_URI}/#/runs/{run_id}"
+
+    # -- Ray Jobs ------------------------------------------------------------------------------------
+    def submit(self, job_id: str, spec: dict[str, Any], run_id: str) -> str:
+        s = self.settings
+        env = {  # secrets travel in the runtime env, never in the job spec, logs or MLflow params
+            "RCM_JOB_ID": job_id,
+            "RCM_JOB_SPEC": json.dumps(spec),
+            "RCM_MLFLOW_RUN_ID": run_id,
+            "MLFLOW_TRACKING_URI": s.MLFLOW_TRACKING_URI,
+            "RCM_S3_ENDPOINT_URL": s.S3_ENDPOINT_URL,
+            "RCM_S3_REGION": s.S3_REGION,
+            "RCM_CHECKPOINT_BUCKET": s.CHECKPOINT_BUCKET,
+            "AWS_ACCESS_KEY_ID": s.S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": s.S3_SECRET_KEY,
+        }
+        body = {
+            "entrypoint": s.WORKER_ENTRYPOINT,
+            "submission_id": f"rcm-{job_id}",
+            "runtime_env": {"env_vars": env},
+            "metadata": {"rcm_job_id": job_id},
+        }
+        r = self.ray.post("/api/jobs/", json=body)
+        r.raise_for_status()
+        return r.json()["submission_id"]
+
+    def status(self, submission_id: str) -> ClusterJobStatus:
+        r = self.ray.get(f"/api/jobs/{submission_id}")
+        r.raise_for_status()
+        data = r.json()
+        return ClusterJobStatus(data["status"], data.get("message"))
+
+    def stop(self, submission_id: str) -> None:
+        self.ray.post(f"/api/jobs/{submission_id}/stop")
+
+    # -- S3 ------------------------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        self.s3.put_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=cancel_marker_key(job_id), Body=b"cancel")
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """Complete checkpoints (their manifest.json exists), oldest first."""
+        bucket, out = self.settings.CHECKPOINT_BUCKET, []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=checkpoint_prefix(job_id)):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/manifest.json"):
+                    manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+                    out.append({"step": int(manifest["step"]), "uri": f"s3://{bucket}/{obj['Key'].rsplit('/', 1)[0]}"})
+        return sorted(out, key=lambda c: c["step"])
+
+    def healthy(self) -> dict[str, bool]:
+        checks = {}
+        for name, fn in (
+            ("ray", lambda: self.ray.get("/api/version").raise_for_status()),
+            ("mlflow", lambda: self.mlflow.get("/health").raise_for_status()),
+            ("s3", lambda: self.s3.head_bucket(Bucket=self.settings.CHECKPOINT_BUCKET)),
+        ):
+            try:
+                fn()
+                checks[name] = True
+            except Exception:  # noqa: BLE001  (readiness reports, never raises)
+                checks[name] = False
+        return checks

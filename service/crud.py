@@ -1,0 +1,111 @@
+"""Database operations on tokens, jobs and job events."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import secrets
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db import ApiToken, Job, JobEvent, utcnow
+from service.schemas import JobCreate, JobState
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(session: Session, tenant: str) -> str:
+    """A new random token for `tenant`; only its hash is stored, the token is returned once."""
+    token = "rcm_" + secrets.token_urlsafe(32)
+    session.add(ApiToken(tenant=tenant, token_sha256=hash_token(token)))
+    session.commit()
+    return token
+
+
+def tenant_for_token(session: Session, token: str) -> str | None:
+    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == hash_token(token)))
+    return row.tenant if row else None
+
+
+def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data or {}))
+
+
+def create_job(session: Session, tenant: str, spec: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Insert a QUEUED job; with an idempotency key already used by this tenant, return that job instead."""
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
+        if existing:
+            return existing, False
+    job = Job(
+        id=str(uuid.uuid4()),
+        tenant=tenant,
+        name=spec.name,
+        state=JobState.QUEUED,
+        spec=spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        step=0,
+        total_steps=spec.schedule.steps,
+        metrics={},
+        recovery_count=0,
+    )
+    session.add(job)
+    add_event(session, job.id, "state", {"state": JobState.QUEUED})
+    session.commit()
+    return job, True
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job | None:
+    job = session.get(Job, job_id)
+    return job if job is not None and job.tenant == tenant else None  # other tenants' jobs do not exist
+
+
+def set_state(session: Session, job: Job, state: JobState, **data: Any) -> None:
+    if job.state != state:
+        job.state = state
+        add_event(session, job.id, "state", {"state": state, **data})
+
+
+def _encode_cursor(created_at: dt.datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), job_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    """Raises ValueError for a malformed cursor."""
+    created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    return dt.datetime.fromisoformat(created), str(job_id)
+
+
+def list_jobs(
+    session: Session, tenant: str, *, state: JobState | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    q = select(Job).where(Job.tenant == tenant)
+    if state:
+        q = q.where(Job.state == state)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        q = q.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
+    rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def events_after(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:
+    q = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id)
+    return list(session.scalars(q))
+
+
+def active_jobs(session: Session) -> list[Job]:
+    terminal = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+    return list(session.scalars(select(Job).where(Job.state.not_in(terminal))))
+
+
+__all__ = ["utcnow"]

@@ -1,0 +1,40 @@
+"""The FastAPI app: routers, lifespan (migrations, cluster backend, reconciler), body-size limit."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.api.routes import health, jobs
+from service.cluster import RayCluster
+from service.db import make_engine, make_sessionmaker, run_migrations
+from service.reconciler import Reconciler
+from service.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings = get_settings()
+    run_migrations(settings.DATABASE_URL)
+    app.state.sessionmaker = make_sessionmaker(make_engine(settings.DATABASE_URL))
+    if not hasattr(app.state, "cluster"):  # tests may install their own backend first
+        app.state.cluster = RayCluster(settings)
+    reconciler = Reconciler(app.state.sessionmaker, app.state.cluster, settings.RECONCILE_INTERVAL_S)
+    reconciler.start()
+    yield
+    reconciler.stop()
+
+
+app = FastAPI(title="rcm-distill control plane", version="0.1.0", lifespan=lifespan)
+app.include_router(health.router)
+app.include_router(jobs.router)
+
+
+@app.middleware("http")
+async def limit_body_size(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > get_settings().MAX_BODY_BYTES:
+        return JSONResponse({"detail": f"request body over {get_settings().MAX_BODY_BYTES} bytes"}, status_code=413)
+    return await call_next(request)

@@ -1,0 +1,148 @@
+"""The job spec (the JSON contract between the API and the workers) and the API's response models.
+
+Defaults are the paper's (rCM, arXiv 2510.08431): lambda = 0.01, 4 critic updates per student update,
+rollouts of up to 4 steps. The worker turns the same dict into rcm_core dataclasses once
+(`workers.spec.distill_config_from_spec`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_URI = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,62}/.+|builtin:[a-z0-9\-]+)$")
+
+
+class JobState(StrEnum):
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSpec(_Strict):
+    uri: str = Field(description="s3://bucket/key.safetensors (written by `rcm teacher train`) or builtin:toy2d")
+    parameterization: Literal["rf", "trigflow"] = "rf"
+    guidance_scale: float = Field(1.5, ge=0, le=20, description="CFG weight distilled into the student")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not _URI.match(v):
+            raise ValueError("must be s3://bucket/key or builtin:NAME")
+        return v
+
+
+class StudentSpec(_Strict):
+    init: Literal["teacher"] = "teacher"  # the student starts as a copy of the teacher
+
+
+class DataSpec(_Strict):
+    dataset: Literal["ring8", "grid25"] = "ring8"  # built-in datasets
+
+
+class MethodSpec(_Strict):
+    scm_weight: float = Field(1.0, ge=0)
+    dmd_weight: float = Field(0.01, ge=0, description="lambda")
+    p_mean: float = 0.0
+    p_std: float = Field(1.6, gt=0)
+    tangent_warmup_steps: int = Field(200, ge=0)
+    time_derivative: Literal["exact", "semi_continuous"] = "exact"
+    fd_step: float = Field(1e-4, gt=0, lt=0.1)
+    max_rollout_steps: int = Field(4, ge=1, le=16)
+    critic_ratio: int = Field(4, ge=1, le=16)
+    lr: float = Field(3e-4, gt=0, le=1)
+    fake_lr: float = Field(1e-3, gt=0, le=1)
+    ema_sigma_rel: float = Field(0.05, gt=0, lt=0.28)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> MethodSpec:
+        if self.scm_weight == 0 and self.dmd_weight == 0:
+            raise ValueError("scm_weight and dmd_weight are both 0: nothing to train")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    num_workers: int = Field(1, ge=1, le=1, description="Ray Train workers (multi-worker arrives with FSDP/CP)")
+    use_gpu: bool = False
+    fsdp_degree: int = Field(1, ge=1)
+    cp_degree: int = Field(1, ge=1)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+
+    @model_validator(mode="after")
+    def _degrees(self) -> ResourcesSpec:
+        if self.fsdp_degree * self.cp_degree != self.num_workers:
+            raise ValueError(
+                f"fsdp_degree ({self.fsdp_degree}) x cp_degree ({self.cp_degree}) "
+                f"must equal num_workers ({self.num_workers})"
+            )
+        return self
+
+
+class ScheduleSpec(_Strict):
+    steps: int = Field(1500, ge=1, le=10_000_000)
+    batch_size: int = Field(256, ge=1, le=65536)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class TrackingSpec(_Strict):
+    experiment: str = Field("rcm", min_length=1, max_length=128)
+
+
+class JobCreate(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    teacher: TeacherSpec
+    student: StudentSpec = StudentSpec()
+    data: DataSpec = DataSpec()
+    method: MethodSpec = MethodSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    uri: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str
+    state: JobState
+    step: int
+    total_steps: int
+    metrics: dict[str, float]
+    mlflow_run_url: str | None
+    failure_reason: str | None
+    recovery_count: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    spec: dict[str, Any]
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None
+
+
+class JobEventPublic(BaseModel):
+    id: int
+    created_at: dt.datetime
+    kind: str
+    data: dict[str, Any]

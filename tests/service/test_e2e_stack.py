@@ -1,0 +1,184 @@
+"""End to end against the real stack on loopback: SeaweedFS, MLflow, a Ray head with the Jobs API and the
+API under uvicorn, all started by scripts/stack.py in a temporary data directory and stopped by PID."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from botocore.config import Config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+API = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    data = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "RCM_DATA_DIR": str(data)}
+    env.pop("DATABASE_URL", None)
+
+    def stack_cmd(cmd):
+        return subprocess.run(
+            [sys.executable, "scripts/stack.py", cmd], cwd=ROOT, env=env, timeout=400, capture_output=True, text=True
+        )
+
+    up = stack_cmd("up")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        creds = dict(line.split("=", 1) for line in (data / "stack.env").read_text().split())
+        s3 = boto3.client(
+            "s3",
+            endpoint_url="http://127.0.0.1:8333",
+            aws_access_key_id=creds["S3_ACCESS_KEY"],
+            aws_secret_access_key=creds["S3_SECRET_KEY"],
+            region_name="us-east-1",
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+        teacher = data / "teacher.safetensors"  # a small real teacher, trained here in a few seconds
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rcm_core.cli",
+                "teacher",
+                "train",
+                "--set",
+                "teacher.train_steps=400",
+                "--out",
+                str(data / "t"),
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        next((data / "t" / "teachers").glob("*.safetensors")).rename(teacher)
+        s3.upload_file(str(teacher), "ckpt", "teachers/e2e.safetensors")
+        tokens = {"a": (data / "demo-token").read_text().strip()}
+        out = subprocess.run(
+            [sys.executable, "-m", "service.admin", "create-token", "--tenant", "other"],
+            cwd=ROOT,
+            env={**env, "DATABASE_URL": f"sqlite:///{data}/rcm.db", "S3_ACCESS_KEY": "x", "S3_SECRET_KEY": "x"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        tokens["b"] = out.stdout.strip()
+        yield {"data": data, "s3": s3, "tokens": tokens, "stack_cmd": stack_cmd}
+    finally:
+        down = stack_cmd("down")
+        print(down.stdout, down.stderr)
+
+
+def _h(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _spec(name, steps, **schedule):
+    return {
+        "name": name,
+        "teacher": {"uri": "s3://ckpt/teachers/e2e.safetensors"},
+        "schedule": {"steps": steps, "batch_size": 64, "checkpoint_every": 20, "log_every": 5, **schedule},
+    }
+
+
+def _wait(token, job_id, pred, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            job = httpx.get(f"{API}/v1/jobs/{job_id}", headers=_h(token), timeout=5).json()
+            if pred(job):
+                return job
+            if job["state"] in ("FAILED",) and not pred(job):
+                pytest.fail(f"job failed: {job['failure_reason']}")
+        except httpx.TransportError:
+            pass  # the API may be restarting
+        time.sleep(1)
+    pytest.fail(f"timed out waiting on job {job_id}: {job}")
+
+
+def _mlflow_run(job):
+    run_id = job["mlflow_run_url"].rsplit("/", 1)[1]
+    return run_id, httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
+
+
+def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
+    tok = stack["tokens"]["a"]
+    r = httpx.post(f"{API}/v1/jobs", json=_spec("e2e-ok", 60), headers=_h(tok))
+    assert r.status_code == 202
+    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED")
+    assert job["step"] == 60 and "loss" in job["metrics"]
+    run_id, run = _mlflow_run(job)
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"loss", "scm_loss", "dmd_loss", "step", "eval/1step/mode_coverage"} <= metrics
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["method.dmd_weight"] == "0.01"
+    creds = (stack["data"] / "stack.env").read_text().split()
+    assert not any(c.split("=", 1)[1] in str(run) for c in creds)  # no S3 keys in MLflow
+    arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
+    assert {"samples.png", "student.safetensors", "report.json"} <= {f["path"] for f in arts["files"]}
+    ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
+    assert [c["step"] for c in ckpts][-1] == 60 and len(ckpts) >= 3
+    keys = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=f"ray/{job['id']}/")["Contents"]]
+    assert any(k.endswith(".distcp") for k in keys) and any(k.endswith("manifest.json") for k in keys)
+    # another tenant cannot see or cancel it
+    other = stack["tokens"]["b"]
+    assert httpx.get(f"{API}/v1/jobs/{job['id']}", headers=_h(other)).status_code == 404
+    assert httpx.post(f"{API}/v1/jobs/{job['id']}/cancel", headers=_h(other)).status_code == 404
+
+
+def test_cancel_job_ends_cancelled_with_a_final_checkpoint(stack):
+    tok = stack["tokens"]["a"]
+    job = httpx.post(
+        f"{API}/v1/jobs", json=_spec("e2e-cancel", 100000, checkpoint_every=100000), headers=_h(tok)
+    ).json()
+    _wait(tok, job["id"], lambda j: j["state"] == "RUNNING" and j["step"] >= 10)
+    assert httpx.post(f"{API}/v1/jobs/{job['id']}/cancel", headers=_h(tok)).json()["state"] == "CANCELLING"
+    final = _wait(tok, job["id"], lambda j: j["state"] == "CANCELLED", timeout=120)
+    ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
+    assert len(ckpts) == 1 and 10 <= ckpts[0]["step"] < 100000  # only the final one (the interval is never reached)
+    _, run = _mlflow_run(final)
+    assert run["info"]["status"] == "KILLED"
+
+
+def test_kill_api_mid_job_keeps_state_and_history(stack):
+    tok = stack["tokens"]["a"]
+    job = httpx.post(f"{API}/v1/jobs", json=_spec("e2e-restart", 120), headers=_h(tok)).json()
+    _wait(tok, job["id"], lambda j: j["state"] == "RUNNING")
+    before = httpx.get(f"{API}/v1/jobs/{job['id']}/events", headers=_h(tok)).json()
+    pid = int((stack["data"] / "pids" / "api.pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(1)
+    assert stack["stack_cmd"]("up").returncode == 0  # restarts only what is down
+    after = httpx.get(f"{API}/v1/jobs/{job['id']}/events", headers=_h(tok)).json()
+    assert after[: len(before)] == before
+    done = _wait(tok, job["id"], lambda j: j["state"] == "SUCCEEDED")
+    assert done["step"] == 120
+
+
+def test_kill_train_worker_mid_run_recovers_from_checkpoint(stack):
+    tok = stack["tokens"]["a"]
+    job = httpx.post(f"{API}/v1/jobs", json=_spec("e2e-recover", 140), headers=_h(tok)).json()
+    _wait(tok, job["id"], lambda j: j["state"] == "RUNNING" and j["step"] >= 45)
+    ps = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    pids = [int(p) for p in ps.stdout.split()]
+    assert pids, "no Ray Train worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    done = _wait(tok, job["id"], lambda j: j["state"] == "SUCCEEDED", timeout=300)
+    assert done["recovery_count"] >= 1 and done["step"] == 140
+    run_id, _ = _mlflow_run(done)
+    hist = httpx.get(
+        "http://127.0.0.1:5000/api/2.0/mlflow/metrics/get-history", params={"run_id": run_id, "metric_key": "step"}
+    ).json()["metrics"]
+    steps = [int(m["value"]) for m in sorted(hist, key=lambda m: m["timestamp"])]
+    restart = next(i for i in range(1, len(steps)) if steps[i] < steps[i - 1])  # where the resumed run logs again
+    assert steps[restart - 1] - steps[restart] <= 20  # at most one checkpoint interval (20 steps) lost

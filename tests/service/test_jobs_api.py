@@ -1,0 +1,258 @@
+"""REST API unit tests: the real app and SQLite job store, with the cluster backend swapped for a fake."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.cluster import ClusterJobStatus
+from service.reconciler import reconcile_once
+
+SPEC = {"name": "unit", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+
+
+class FakeCluster:
+    """Records calls; Ray job status and MLflow progress are set by the test."""
+
+    def __init__(self):
+        self.submitted, self.cancelled, self.stopped = [], [], []
+        self.ray_status: dict[str, ClusterJobStatus] = {}
+        self.progress: dict[str, dict[str, float]] = {}
+        self.run_statuses: dict[str, str] = {}
+        self.fail_submit = False
+
+    def create_run(self, experiment, job_id, name):
+        return f"run-{job_id}"
+
+    def submit(self, job_id, spec, run_id):
+        if self.fail_submit:
+            import httpx
+
+            raise httpx.ConnectError("ray down")
+        self.submitted.append(job_id)
+        self.ray_status[f"rcm-{job_id}"] = ClusterJobStatus("PENDING")
+        return f"rcm-{job_id}"
+
+    def status(self, submission_id):
+        return self.ray_status[submission_id]
+
+    def request_cancel(self, job_id):
+        self.cancelled.append(job_id)
+
+    def stop(self, submission_id):
+        self.stopped.append(submission_id)
+
+    def run_progress(self, run_id):
+        return self.progress.get(run_id, {})
+
+    def set_run_status(self, run_id, status):
+        self.run_statuses[run_id] = status
+
+    def run_url(self, run_id):
+        return f"http://mlflow/#/runs/{run_id}"
+
+    def checkpoints(self, job_id):
+        return [{"step": 50, "uri": f"s3://ckpt/ray/{job_id}/checkpoint_1"}]
+
+    def healthy(self):
+        return {"ray": True, "mlflow": True, "s3": True}
+
+
+@pytest.fixture(scope="module")
+def app_and_tokens(tmp_path_factory):
+    import os
+
+    db = tmp_path_factory.mktemp("db") / "jobs.db"
+    os.environ.update(
+        DATABASE_URL=f"sqlite:///{db}",
+        S3_ACCESS_KEY="k",
+        S3_SECRET_KEY="s",
+        RECONCILE_INTERVAL_S="3600",
+        MAX_BODY_BYTES="4096",
+    )
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    from service import crud
+    from service.main import app
+
+    cluster = FakeCluster()
+    app.state.cluster = cluster
+    with TestClient(app) as client:
+        with app.state.sessionmaker() as s:
+            tokens = {"a": crud.create_token(s, "tenant-a"), "b": crud.create_token(s, "tenant-b")}
+        yield client, tokens, cluster, app
+    del app.state.cluster
+    get_settings.cache_clear()
+
+
+def _h(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _reconcile(app, cluster):
+    with app.state.sessionmaker() as s:
+        reconcile_once(s, cluster)
+
+
+def test_create_job_returns_202_with_location(app_and_tokens):
+    client, tokens, cluster, app = app_and_tokens
+    r = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"]))
+    assert r.status_code == 202
+    body = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{body['id']}"
+    assert body["state"] == "QUEUED" and body["total_steps"] == 100
+    assert body["spec"]["method"]["dmd_weight"] == 0.01  # the paper's default
+    _reconcile(app, cluster)
+    assert client.get(f"/v1/jobs/{body['id']}", headers=_h(tokens["a"])).json()["state"] == "STARTING"
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc"),
+    [
+        ({"teacher": {"uri": "http://x"}}, ["body", "teacher", "uri"]),
+        ({"method": {"dmd_weight": -1}}, ["body", "method", "dmd_weight"]),
+        ({"method": {"dmd_wieght": 1}}, ["body", "method", "dmd_wieght"]),
+        ({"schedule": {"steps": 0}}, ["body", "schedule", "steps"]),
+        ({"resources": {"num_workers": 1, "cp_degree": 2}}, ["body", "resources"]),
+        ({"name": ""}, ["body", "name"]),
+    ],
+)
+def test_create_job_invalid_spec_422_names_the_field(app_and_tokens, patch, loc):
+    client, tokens, _, _ = app_and_tokens
+    before = client.get("/v1/jobs", headers=_h(tokens["a"])).json()["data"]
+    r = client.post("/v1/jobs", json={**SPEC, **patch}, headers=_h(tokens["a"]))
+    assert r.status_code == 422
+    assert any(e["loc"][: len(loc)] == loc for e in r.json()["detail"]), r.json()
+    assert client.get("/v1/jobs", headers=_h(tokens["a"])).json()["data"] == before  # nothing lost or added
+
+
+def test_create_job_idempotency_key(app_and_tokens):
+    client, tokens, _, _ = app_and_tokens
+    h = {**_h(tokens["a"]), "Idempotency-Key": "abc-1"}
+    first = client.post("/v1/jobs", json=SPEC, headers=h)
+    again = client.post("/v1/jobs", json=SPEC, headers=h)
+    assert first.status_code == 202 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    other_tenant = client.post("/v1/jobs", json=SPEC, headers={**_h(tokens["b"]), "Idempotency-Key": "abc-1"})
+    assert other_tenant.json()["id"] != first.json()["id"]
+
+
+def test_read_jobs_requires_a_valid_token(app_and_tokens):
+    client, *_ = app_and_tokens
+    assert client.get("/v1/jobs").status_code == 401
+    assert client.get("/v1/jobs", headers=_h("rcm_wrong")).status_code == 401
+
+
+def test_read_job_of_another_tenant_is_404(app_and_tokens):
+    client, tokens, _, _ = app_and_tokens
+    job = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=_h(tokens["b"])).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(tokens["b"])).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}/events", headers=_h(tokens["b"])).status_code == 404
+    assert all(j["id"] != job["id"] for j in client.get("/v1/jobs", headers=_h(tokens["b"])).json()["data"])
+
+
+def test_read_jobs_cursor_pagination_and_filter(app_and_tokens):
+    client, tokens, _, _ = app_and_tokens
+    for i in range(5):
+        client.post("/v1/jobs", json={**SPEC, "name": f"page-{i}"}, headers=_h(tokens["b"]))
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/jobs", params=params, headers=_h(tokens["b"])).json()
+        seen += [j["id"] for j in page["data"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    all_ids = [j["id"] for j in client.get("/v1/jobs", params={"limit": 200}, headers=_h(tokens["b"])).json()["data"]]
+    assert seen == all_ids and len(set(seen)) == len(seen) >= 5
+    queued = client.get("/v1/jobs", params={"state": "QUEUED"}, headers=_h(tokens["b"])).json()["data"]
+    assert queued and all(j["state"] == "QUEUED" for j in queued)
+    assert client.get("/v1/jobs", params={"cursor": "%%%"}, headers=_h(tokens["b"])).status_code == 422
+    assert client.get("/v1/jobs", params={"state": "DONE"}, headers=_h(tokens["b"])).status_code == 422
+
+
+def test_job_lifecycle_through_the_reconciler(app_and_tokens):
+    client, tokens, cluster, app = app_and_tokens
+    job = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    _reconcile(app, cluster)
+    sub, run = f"rcm-{job['id']}", f"run-{job['id']}"
+    cluster.ray_status[sub] = ClusterJobStatus("RUNNING")
+    cluster.progress[run] = {"step": 40.0, "loss": 0.5, "recovery_count": 1.0}
+    _reconcile(app, cluster)
+    body = client.get(f"/v1/jobs/{job['id']}", headers=_h(tokens["a"])).json()
+    assert body["state"] == "RUNNING" and body["step"] == 40 and body["recovery_count"] == 1
+    assert body["mlflow_run_url"].endswith(run) and body["metrics"]["loss"] == 0.5
+    cluster.ray_status[sub] = ClusterJobStatus("SUCCEEDED")
+    cluster.progress[run]["step"] = 100.0
+    _reconcile(app, cluster)
+    body = client.get(f"/v1/jobs/{job['id']}", headers=_h(tokens["a"])).json()
+    assert body["state"] == "SUCCEEDED" and body["step"] == 100 and cluster.run_statuses[run] == "FINISHED"
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=_h(tokens["a"])).json()
+    states = [e["data"]["state"] for e in events if e["kind"] == "state"]
+    assert states == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=_h(tokens["a"])).status_code == 409
+    # server-sent events: history then the end of the stream (the job is terminal)
+    with client.stream(
+        "GET", f"/v1/jobs/{job['id']}/events", headers={**_h(tokens["a"]), "Accept": "text/event-stream"}
+    ) as r:
+        text = "".join(r.iter_text())
+    assert text.count("event: state") == 4 and '"SUCCEEDED"' in text
+
+
+def test_failed_job_keeps_the_reason_and_fails_the_run(app_and_tokens):
+    client, tokens, cluster, app = app_and_tokens
+    job = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    _reconcile(app, cluster)
+    cluster.ray_status[f"rcm-{job['id']}"] = ClusterJobStatus(
+        "FAILED", "rcm-worker: error: teacher.uri s3://x: cannot read it"
+    )
+    _reconcile(app, cluster)
+    body = client.get(f"/v1/jobs/{job['id']}", headers=_h(tokens["a"])).json()
+    assert body["state"] == "FAILED" and "cannot read it" in body["failure_reason"]
+    assert cluster.run_statuses[f"run-{job['id']}"] == "FAILED"
+
+
+def test_cancel_job_running_and_queued(app_and_tokens):
+    client, tokens, cluster, app = app_and_tokens
+    running = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    _reconcile(app, cluster)
+    r = client.post(f"/v1/jobs/{running['id']}/cancel", headers=_h(tokens["a"]))
+    assert r.status_code == 202 and r.json()["state"] == "CANCELLING" and running["id"] in cluster.cancelled
+    cluster.ray_status[f"rcm-{running['id']}"] = ClusterJobStatus("SUCCEEDED")  # worker saved and exited
+    _reconcile(app, cluster)
+    assert client.get(f"/v1/jobs/{running['id']}", headers=_h(tokens["a"])).json()["state"] == "CANCELLED"
+
+    cluster.fail_submit = True  # the cluster is down: the job stays QUEUED and is retried
+    queued = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    _reconcile(app, cluster)
+    assert client.get(f"/v1/jobs/{queued['id']}", headers=_h(tokens["a"])).json()["state"] == "QUEUED"
+    client.post(f"/v1/jobs/{queued['id']}/cancel", headers=_h(tokens["a"]))
+    _reconcile(app, cluster)
+    cluster.fail_submit = False
+    assert client.get(f"/v1/jobs/{queued['id']}", headers=_h(tokens["a"])).json()["state"] == "CANCELLED"
+
+
+def test_checkpoints_and_health(app_and_tokens):
+    client, tokens, _, _ = app_and_tokens
+    job = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    r = client.get(f"/v1/jobs/{job['id']}/checkpoints", headers=_h(tokens["a"]))
+    assert r.status_code == 200 and r.json()[0]["step"] == 50
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["checks"] == {"database": True, "ray": True, "mlflow": True, "s3": True}
+
+
+def test_oversized_body_is_refused(app_and_tokens):
+    client, tokens, *_ = app_and_tokens
+    big = {**SPEC, "name": "x" * 5000}
+    r = client.post(
+        "/v1/jobs", content=json.dumps(big), headers={**_h(tokens["a"]), "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+
+
+def test_secrets_never_in_responses(app_and_tokens):
+    client, tokens, *_ = app_and_tokens
+    text = client.get("/v1/jobs", params={"limit": 200}, headers=_h(tokens["a"])).text
+    assert tokens["a"] not in text and "S3_SECRET" not in text

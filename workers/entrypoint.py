@@ -1,0 +1,88 @@
+"""What a Ray job runs (`python -m workers.entrypoint`): resolve the teacher, run the trainer, report.
+
+Errors a user can fix (unreadable or malformed teacher, invalid spec) end the job with one readable
+line on stderr and exit status 1; Ray puts the tail of the log into the job's failure message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rcm_core.config import ConfigError
+from workers import storage
+
+
+def resolve_teacher(job_id: str, spec: dict) -> str:
+    """The teacher's S3 URI, after checking that it can be read and loaded."""
+    from rcm_core.teacher import load_toy2d_teacher
+
+    uri = spec["teacher"]["uri"]
+    bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "teacher.safetensors"
+        if uri == "builtin:toy2d":  # train the built-in 2-D teacher once and cache it in S3
+            uri = f"s3://{bucket}/teachers/builtin-toy2d.safetensors"
+            try:
+                storage.download(uri, local)
+            except storage.TeacherUnavailable:
+                _train_builtin(local)
+                storage.upload(local, uri)
+        elif uri.startswith("s3://"):
+            storage.download(uri, local)
+        else:
+            raise ConfigError(f"teacher.uri: unsupported {uri!r}")
+        try:
+            load_toy2d_teacher(local)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (any parse error means the file is not a teacher)
+            raise ConfigError(
+                f"teacher.uri {spec['teacher']['uri']}: not a valid teacher file ({type(exc).__name__})"
+            ) from None
+    return uri
+
+
+def _train_builtin(dest: Path) -> None:
+    from rcm_core.config import toy2d_rcm
+    from rcm_core.teacher import save_teacher, train_toy2d_teacher
+
+    cfg = toy2d_rcm()
+    net, record = train_toy2d_teacher(cfg.data, cfg.model, cfg.teacher)
+    meta = {
+        "task": "toy2d",
+        "parameterization": "rf",
+        "data": cfg.data.__dict__,
+        "model": cfg.model.__dict__,
+        "training": record,
+    }
+    save_teacher(net, dest, meta)
+
+
+def main() -> int:
+    job_id = os.environ["RCM_JOB_ID"]
+    spec = json.loads(os.environ["RCM_JOB_SPEC"])
+    try:
+        teacher_uri = resolve_teacher(job_id, spec)
+    except (ConfigError, storage.TeacherUnavailable) as exc:
+        print(f"rcm-worker: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    from workers.launch import build_trainer
+
+    print(
+        f"rcm-worker: job {job_id}: teacher {teacher_uri}; starting {spec['resources']['num_workers']} worker(s)",
+        flush=True,
+    )
+    result = build_trainer(job_id, spec, teacher_uri).fit()
+    if result.error is not None:
+        print(f"rcm-worker: error: training failed: {result.error}", file=sys.stderr, flush=True)
+        return 1
+    print(f"rcm-worker: job {job_id} finished at {result.metrics}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Build the Ray Train `TorchTrainer` for a job: run name = job id, storage on S3, retries on failure."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow.fs
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from workers.train_loop import train_loop_per_worker
+
+MAX_FAILURES = 3  # worker crashes tolerated per job; each restart resumes from the latest checkpoint
+
+
+def s3_filesystem() -> pyarrow.fs.S3FileSystem:
+    endpoint = os.environ["RCM_S3_ENDPOINT_URL"]
+    scheme, _, host = endpoint.partition("://")
+    # NOTE: pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be passed explicitly.
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=host,
+        scheme=scheme,
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        region=os.environ.get("RCM_S3_REGION", "us-east-1"),
+    )
+
+
+def build_trainer(job_id: str, spec: dict[str, Any], teacher_uri: str) -> TorchTrainer:
+    res = spec["resources"]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job_id": job_id, "spec": spec, "teacher_uri": teacher_uri},
+        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"]),
+        run_config=RunConfig(
+            name=job_id,  # re-running the same job id resumes from its latest checkpoint
+            storage_path=f"{os.environ['RCM_CHECKPOINT_BUCKET']}/ray",
+            storage_filesystem=s3_filesystem(),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+    )
