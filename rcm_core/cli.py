@@ -167,7 +167,12 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rcm", description="rCM distillation: distill a flow/diffusion teacher into a few-step student.")
+    p = _Parser(
+        prog="rcm",
+        description="rCM distillation: distill a flow/diffusion teacher into a few-step student.",
+        epilog="Job commands against the REST API: rcm submit SPEC | jobs | status ID | logs [-f] ID | cancel ID "
+        "(see `rcm submit --help`).",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add_config(sp, *, required: bool = False):

@@ -32,10 +32,15 @@ def _fused_available(q: torch.Tensor) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None, *, backend: str = "auto"):
-    """Non-causal attention; `backend` is "auto" (fused on CUDA), "math" or "fused"."""
-    use_fused = backend == "fused" or (backend == "auto" and key_padding_mask is None and _fused_available(q))
+    """Non-causal attention; `backend` is "auto" (fused on CUDA), "math" or "fused".
+
+    The fused kernel takes right-padded keys as per-sample lengths (`kv_seqlens`), which is what the
+    tokenizer produces: key_padding_mask must then be a prefix of True values per row.
+    """
+    use_fused = backend == "fused" or (backend == "auto" and _fused_available(q))
     if use_fused:
         from rcm_core.kernels.attention_jvp import attention as fused_attention
 
-        return fused_attention(q, k, v)
+        kv_seqlens = None if key_padding_mask is None else key_padding_mask.sum(-1).to(torch.int32)
+        return fused_attention(q, k, v, kv_seqlens=kv_seqlens)
     return attention_math(q, k, v, key_padding_mask)

@@ -9,7 +9,8 @@ ROOT = Path(__file__).parents[2]
 FORBIDDEN = {
     "rcm_core": {"ray", "fastapi", "service", "workers", "mlflow", "boto3"},
     "workers": {"service", "fastapi"},
-    "service": {"torch", "rcm_core", "workers", "triton"},
+    "service": {"torch", "rcm_core", "workers", "triton", "rcm_client"},
+    "rcm_client": {"service", "workers", "fastapi", "ray", "torch"},
 }
 
 

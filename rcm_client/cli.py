@@ -1,0 +1,89 @@
+"""The `rcm` command: job commands against the REST API here; everything else is rcm_core's CLI.
+
+rcm submit job.yaml|job.json    rcm jobs [--state S]    rcm status ID    rcm logs [-f] ID    rcm cancel ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+JOB_COMMANDS = {"submit", "jobs", "status", "logs", "cancel"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from rcm_core.cli import _Parser  # one-line errors, exit 2
+
+    p = _Parser(prog="rcm", description="Job commands of the rcm-distill API (RCM_API_URL, RCM_API_TOKEN).")
+    p.add_argument("--url", help="API base URL (default $RCM_API_URL or http://127.0.0.1:8000)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
+    s.add_argument("spec")
+    s.add_argument("--idempotency-key")
+    j = sub.add_parser("jobs", help="list jobs")
+    j.add_argument("--state")
+    for name in ("status", "cancel"):
+        sub.add_parser(name).add_argument("job_id")
+    lg = sub.add_parser("logs", help="the job's events; -f follows them live")
+    lg.add_argument("job_id")
+    lg.add_argument("-f", "--follow", action="store_true")
+    return p
+
+
+def _fmt_event(e: dict) -> str:
+    data = e["data"]
+    if e["kind"] == "progress":
+        extra = " ".join(f"{k}={v:.4f}" for k, v in data.items() if k not in ("step", "recovery_count"))
+        return f"{e['created_at']}  step {int(data['step'])}  {extra}"
+    return f"{e['created_at']}  {e['kind']}  " + " ".join(f"{k}={v}" for k, v in data.items())
+
+
+def run_job_command(argv: list[str]) -> int:
+    import yaml
+
+    from rcm_client.client import ApiError, RcmClient
+
+    args = _parser().parse_args(argv)
+    client = RcmClient(args.url)
+    try:
+        if args.command == "submit":
+            path = Path(args.spec)
+            if not path.is_file():
+                print(f"rcm: error: {path}: no such file", file=sys.stderr)
+                return 2
+            job = client.submit(yaml.safe_load(path.read_text()), idempotency_key=args.idempotency_key)
+            print(f"{job['id']}  {job['state']}")
+        elif args.command == "jobs":
+            for job in client.jobs(state=args.state):
+                print(f"{job['id']}  {job['state']:10s}  {job['step']:>7}/{job['total_steps']:<7}  {job['name']}")
+        elif args.command == "status":
+            print(json.dumps(client.job(args.job_id), indent=2))
+        elif args.command == "cancel":
+            print(f"{args.job_id}  {client.cancel(args.job_id)['state']}")
+        else:
+            events = client.follow(args.job_id) if args.follow else iter(client.events(args.job_id))
+            for e in events:
+                print(_fmt_event(e), flush=True)
+    except ApiError as exc:
+        print(f"rcm: error: {exc}", file=sys.stderr)
+        return 2 if exc.status in (400, 404, 409, 413, 422) else 1
+    except Exception as exc:  # noqa: BLE001  (connection errors: one line, no traceback)
+        print(f"rcm: error: cannot reach the API at {client.url} ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in JOB_COMMANDS:
+        return run_job_command(argv)
+    from rcm_core.cli import main as core_main
+
+    return core_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

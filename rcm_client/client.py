@@ -1,0 +1,80 @@
+"""A small Python client for the control plane's /v1 API."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer; `str()` is one readable line (422 errors list their field paths)."""
+
+    def __init__(self, status: int, detail: Any):
+        self.status, self.detail = status, detail
+        if isinstance(detail, list):  # FastAPI validation errors
+            text = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in detail)
+        else:
+            text = str(detail)
+        super().__init__(f"HTTP {status}: {text}")
+
+
+def default_token() -> str | None:
+    token = os.environ.get("RCM_API_TOKEN")
+    if token:
+        return token
+    path = Path(os.environ.get("RCM_DATA_DIR", ".data")) / "demo-token"  # written by `make up`
+    return path.read_text().strip() if path.is_file() else None
+
+
+class RcmClient:
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 10.0):
+        self.url = (url or os.environ.get("RCM_API_URL", "http://127.0.0.1:8000")).rstrip("/")
+        token = token or default_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kw) -> Any:
+        r = self.http.request(method, path, **kw)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except (json.JSONDecodeError, AttributeError):
+                detail = r.text
+            raise ApiError(r.status_code, detail)
+        return r.json()
+
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/jobs", json=spec, headers=headers)
+
+    def jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"state": state} if state else {})}
+        return self._call("GET", "/v1/jobs", params=params)["data"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/jobs/{job_id}/checkpoints")
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/jobs/{job_id}/events")
+
+    def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Server-sent events: the job's history, then live events until it ends."""
+        headers = {"Accept": "text/event-stream"}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise ApiError(r.status_code, r.json().get("detail"))
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line[6:])
