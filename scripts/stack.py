@@ -49,12 +49,17 @@ def _pidfile(name: str) -> Path:
 
 
 def _alive(name: str) -> int | None:
+    """The PID recorded for `name` if that process is running (a zombie awaiting its reaper counts as dead)."""
     try:
         pid = int(_pidfile(name).read_text())
         os.kill(pid, 0)
-        return pid
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return pid  # no procfs (macOS): trust kill(0)
+    return None if state in ("Z", "X") else pid
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> None:
@@ -171,6 +176,8 @@ def up() -> dict[str, str]:
     print(f"stack: MLflow on {env['MLFLOW_TRACKING_URI']}", flush=True)
 
     if not _alive("ray"):
+        # The S3 keys live in the Ray node's environment (inherited by every job and worker), never in a
+        # job's runtime_env, which Ray's dashboard shows to anyone who can read it.
         renv = {
             **base,
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -178,6 +185,8 @@ def up() -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
             "MLFLOW_S3_ENDPOINT_URL": env["S3_ENDPOINT_URL"],
+            "AWS_ACCESS_KEY_ID": env["S3_ACCESS_KEY"],
+            "AWS_SECRET_ACCESS_KEY": env["S3_SECRET_KEY"],
         }
         _spawn(
             "ray",

@@ -102,7 +102,10 @@ class RayCluster:
     # -- Ray Jobs ------------------------------------------------------------------------------------
     def submit(self, job_id: str, spec: dict[str, Any], run_id: str) -> str:
         s = self.settings
-        env = {  # secrets travel in the runtime env, never in the job spec, logs or MLflow params
+        # NOTE: no secrets here: Ray shows a job's runtime_env to anyone who can read its dashboard. The S3
+        # keys reach the workers through the Ray nodes' own environment (stack.py locally, a Kubernetes
+        # Secret on KubeRay); the job spec and this env carry only names and URLs.
+        env = {
             "RCM_JOB_ID": job_id,
             "RCM_JOB_SPEC": json.dumps(spec),
             "RCM_MLFLOW_RUN_ID": run_id,
@@ -110,8 +113,6 @@ class RayCluster:
             "RCM_S3_ENDPOINT_URL": s.S3_ENDPOINT_URL,
             "RCM_S3_REGION": s.S3_REGION,
             "RCM_CHECKPOINT_BUCKET": s.CHECKPOINT_BUCKET,
-            "AWS_ACCESS_KEY_ID": s.S3_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": s.S3_SECRET_KEY,
         }
         body = {
             "entrypoint": s.WORKER_ENTRYPOINT,

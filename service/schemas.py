@@ -98,6 +98,7 @@ class ScheduleSpec(_Strict):
     batch_size: int = Field(256, ge=1, le=65536)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1, description="steps between evaluations (metrics + sample grid in MLflow)")
     seed: int = 0
 
 

@@ -34,6 +34,10 @@ class RunLogger:
             batch = [Metric(k.replace(" ", "_"), float(v), now, step) for k, v in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def artifact(self, path: Path, artifact_path: str) -> None:
+        if self.client:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
     def artifacts(self, directory: Path) -> None:
         if self.client:
             self.client.log_artifacts(self.run_id, str(directory))

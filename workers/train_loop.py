@@ -62,8 +62,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cancel = False
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rate = (step - first) / max(time.perf_counter() - start, 1e-9)
-            log.metrics({**metrics, "step": step, "steps_per_second": rate}, step=step)
+            log.metrics({**metrics, **_system_metrics(), "step": step, "steps_per_second": rate}, step=step)
             cancel = storage.cancel_requested(job_id)
+        if rank0 and step % spec["schedule"]["eval_every"] == 0 and step < cfg.train.steps:
+            _evaluate(distiller, cfg, log, workdir)
         if cancel or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count)
         if cancel:
@@ -71,6 +73,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
     if rank0:
         _export(distiller, cfg, job_id, log)
+
+
+def _system_metrics() -> dict[str, float]:
+    import psutil
+
+    proc = psutil.Process()
+    out = {"system/cpu_percent": psutil.cpu_percent(), "system/rss_mb": proc.memory_info().rss / 2**20}
+    if torch.cuda.is_available():
+        out["system/gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _evaluate(distiller, cfg, log: RunLogger, workdir: Path) -> None:
+    """Periodic evaluation of the EMA student: metrics at 1 and 4 steps, and a sample grid."""
+    from rcm_core.eval.toy2d import scatter_grid
+
+    entries = [pipeline.student_entry("student (EMA)", distiller.ema.model, distiller.task, [1, 4], 0)]
+    rows, samples = pipeline.evaluate_rows(entries, distiller.task, 1000, 0)
+    step = distiller.step
+    log.metrics(
+        {f"eval/{r['steps']}step/{k}": r[k] for r in rows for k in ("mode_coverage", "precision", "sliced_w2")},
+        step=step,
+    )
+    grid = scatter_grid(list(samples.items()), workdir / "samples" / f"step-{step:07d}.png", columns=2)
+    log.artifact(grid, "samples")
 
 
 def _export(distiller, cfg, job_id: str, log: RunLogger) -> None:
@@ -105,7 +132,10 @@ def _export(distiller, cfg, job_id: str, log: RunLogger) -> None:
         storage.upload(f, f"s3://{bucket}/jobs/{job_id}/export/{f.name}")
     for r in rows:
         if r["model"].startswith("student"):
-            log.metrics({f"eval/{r['steps']}step/{k}": r[k] for k in ("mode_coverage", "precision", "sliced_w2")})
+            log.metrics(
+                {f"eval/{r['steps']}step/{k}": r[k] for k in ("mode_coverage", "precision", "sliced_w2")},
+                step=distiller.step,
+            )
     log.artifacts(out)
 
 

@@ -96,7 +96,7 @@ def _wait(token, job_id, pred, timeout=240):
             job = httpx.get(f"{API}/v1/jobs/{job_id}", headers=_h(token), timeout=5).json()
             if pred(job):
                 return job
-            if job["state"] in ("FAILED",) and not pred(job):
+            if job["state"] == "FAILED" and not pred(job):
                 pytest.fail(f"job failed: {job['failure_reason']}")
         except httpx.TransportError:
             pass  # the API may be restarting
@@ -111,7 +111,7 @@ def _mlflow_run(job):
 
 def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
     tok = stack["tokens"]["a"]
-    r = httpx.post(f"{API}/v1/jobs", json=_spec("e2e-ok", 60), headers=_h(tok))
+    r = httpx.post(f"{API}/v1/jobs", json=_spec("e2e-ok", 60, eval_every=30), headers=_h(tok))
     assert r.status_code == 202
     job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED")
     assert job["step"] == 60 and "loss" in job["metrics"]
@@ -123,8 +123,15 @@ def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
     assert params["method.dmd_weight"] == "0.01"
     creds = (stack["data"] / "stack.env").read_text().split()
     assert not any(c.split("=", 1)[1] in str(run) for c in creds)  # no S3 keys in MLflow
+    assert {"system/cpu_percent", "system/rss_mb", "eval/1step/sliced_w2"} <= metrics
     arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
-    assert {"samples.png", "student.safetensors", "report.json"} <= {f["path"] for f in arts["files"]}
+    assert {"samples.png", "student.safetensors", "report.json", "samples"} <= {f["path"] for f in arts["files"]}
+    periodic = httpx.get(
+        "http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}
+    ).json()
+    assert [f["path"] for f in periodic["files"]] == ["samples/step-0000030.png"]  # eval_every=30 of 60 steps
+    ray_job = httpx.get(f"http://127.0.0.1:8265/api/jobs/rcm-{job['id']}").text
+    assert not any(c.split("=", 1)[1] in ray_job for c in creds)  # no S3 keys in Ray's job info either
     ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
     assert [c["step"] for c in ckpts][-1] == 60 and len(ckpts) >= 3
     keys = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=f"ray/{job['id']}/")["Contents"]]
@@ -133,6 +140,17 @@ def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
     other = stack["tokens"]["b"]
     assert httpx.get(f"{API}/v1/jobs/{job['id']}", headers=_h(other)).status_code == 404
     assert httpx.post(f"{API}/v1/jobs/{job['id']}/cancel", headers=_h(other)).status_code == 404
+
+
+@pytest.mark.parametrize("uri", ["s3://ckpt/teachers/missing.safetensors", "s3://ckpt/teachers/garbage.safetensors"])
+def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
+    stack["s3"].put_object(Bucket="ckpt", Key="teachers/garbage.safetensors", Body=b"not a safetensors file")
+    tok = stack["tokens"]["a"]
+    spec = {**_spec("e2e-bad-teacher", 10), "teacher": {"uri": uri}}
+    job = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok)).json()
+    done = _wait(tok, job["id"], lambda j: j["state"] == "FAILED", timeout=120)
+    expected = "cannot read it" if "missing" in uri else "not a valid teacher file"
+    assert expected in done["failure_reason"] and uri in done["failure_reason"]
 
 
 def test_cancel_job_ends_cancelled_with_a_final_checkpoint(stack):
