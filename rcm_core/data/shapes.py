@@ -214,11 +214,15 @@ def render(prompt: Prompt, rng: np.random.Generator) -> tuple[np.ndarray, list[S
 
 
 class Tokenizer:
-    """Word-level tokenizer over the grammar's vocabulary; id 0 is padding, 1 unknown."""
+    """Word-level tokenizer over the grammar's vocabulary; id 0 is padding, 1 unknown, 2 begin-of-text.
+
+    Every caption starts with <bos>, so the empty caption (the null condition of classifier-free
+    guidance) still has one real token for attention to attend to.
+    """
 
     def __init__(self, max_length: int = 12):
         words = sorted({w for p in all_prompts() for w in p.caption().split()})
-        self.vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+        self.vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
         self.max_length = max_length
 
     def __len__(self) -> int:
@@ -228,6 +232,51 @@ class Tokenizer:
         """(B, max_length) int64 ids and (B, max_length) bool mask (True = real token)."""
         ids = np.zeros((len(captions), self.max_length), dtype=np.int64)
         for i, caption in enumerate(captions):
-            toks = [self.vocab.get(w, 1) for w in caption.lower().split()][: self.max_length]
+            toks = [2] + [self.vocab.get(w, 1) for w in caption.lower().split()][: self.max_length - 1]
             ids[i, : len(toks)] = toks
         return ids, ids != 0
+
+
+class ShapesTask:
+    """(x0, cond) batches for distillation and teacher training: images in [-1, 1], tokenized captions.
+
+    Rendering is on the CPU with a numpy Generator seeded from the torch Generator, so batches are
+    deterministic given the generator state (and so resumable from a checkpoint).
+    """
+
+    def __init__(self, *, split: str = "train", max_length: int = 12):
+        self.split = split
+        self.tokenizer = Tokenizer(max_length)
+        self.sample_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def _encode(self, captions: list[str]):
+        import torch
+
+        ids, mask = self.tokenizer.encode(captions)
+        return {"ids": torch.from_numpy(ids), "mask": torch.from_numpy(mask)}
+
+    def sample_prompts(self, batch_size: int, *, generator) -> list[Prompt]:
+        import torch
+
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        return [sample_prompt(rng, split=self.split) for _ in range(batch_size)]
+
+    def sample(self, batch_size: int, *, generator):
+        import torch
+
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        prompts = [sample_prompt(rng, split=self.split) for _ in range(batch_size)]
+        images = np.stack([render(p, rng)[0] for p in prompts])  # (B, 32, 32, 3) uint8
+        x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, 32, 32) in [-1, 1]
+        return x0, self._encode([p.caption() for p in prompts])
+
+    def sample_cond(self, batch_size: int, *, generator):
+        return self._encode([p.caption() for p in self.sample_prompts(batch_size, generator=generator)])
+
+    def null_cond(self, batch_size: int):
+        return self._encode([""] * batch_size)
+
+
+def to_uint8(x0) -> np.ndarray:
+    """(B, 3, 32, 32) model output in [-1, 1] -> (B, 32, 32, 3) uint8 images for the judge."""
+    return ((x0.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -102,8 +102,34 @@ def test_diversity_metric_on_known_inputs():
 
 def test_tokenizer_masks_padding():
     tok = Tokenizer()
-    ids, mask = tok.encode(["a photo of a red circle", "a photo of two squares"])
-    assert ids.shape == (2, 12) and mask[0].sum() == 6 and mask[1].sum() == 5
-    assert (ids[~mask] == 0).all() and (ids[mask] > 1).all()
-    assert len(tok) == 2 + len({w for p in all_prompts() for w in p.caption().split()})
+    ids, mask = tok.encode(["a photo of a red circle", "a photo of two squares", ""])
+    assert ids.shape == (3, 12) and mask[0].sum() == 7 and mask[1].sum() == 6 and mask[2].sum() == 1
+    assert (ids[:, 0] == 2).all() and (ids[~mask] == 0).all() and (ids[mask] > 1).all()
+    assert len(tok) == 3 + len({w for p in all_prompts() for w in p.caption().split()})
     assert set(SHAPES) | set(COLORS) <= set(tok.vocab)
+
+
+def test_shapes_task_batches_and_text_to_image_net():
+    import torch
+
+    from rcm_core.data.shapes import ShapesTask, to_uint8
+    from rcm_core.models.dit import DiTConfig
+    from rcm_core.models.text import TextEncoderConfig, TextToImageNet
+
+    task = ShapesTask()
+    x0, cond = task.sample(4, generator=torch.Generator().manual_seed(0))
+    again, _ = task.sample(4, generator=torch.Generator().manual_seed(0))
+    assert x0.shape == (4, 3, 32, 32) and torch.equal(x0, again) and x0.min() >= -1 and x0.max() <= 1
+    images = to_uint8(x0)
+    assert images.shape == (4, 32, 32, 3) and all(detect(img) for img in images)  # round trip keeps objects
+    null = task.null_cond(4)
+    assert null["mask"].sum(1).tolist() == [1, 1, 1, 1]
+    dit = DiTConfig(image_size=32, patch_size=4, dim=64, depth=2, num_heads=2, cond_dim=32)
+    net = TextToImageNet(dit, TextEncoderConfig(vocab_size=len(task.tokenizer), dim=32, depth=1, num_heads=2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    t = torch.rand(4, dtype=torch.float64)
+    out, tangent = torch.func.jvp(lambda x, tt: net(x, tt, cond), (x0, t), (torch.randn_like(x0), torch.ones_like(t)))
+    assert out.shape == x0.shape and torch.isfinite(tangent).all() and tangent.abs().sum() > 0
+    assert torch.isfinite(net(x0, t, null)).all()
