@@ -30,9 +30,6 @@ def bar(job: dict, start: float) -> str:
 
 
 def main() -> int:
-    import boto3
-    from botocore.config import Config
-
     from rcm_client import RcmClient
     from rcm_core import pipeline
     from rcm_core.cli import print_reporter
@@ -42,14 +39,7 @@ def main() -> int:
     env = stack.up()
     cfg = toy2d_rcm()
     _, _, teacher_path = pipeline.get_teacher(cfg, print_reporter)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["S3_ENDPOINT_URL"],
-        aws_access_key_id=env["S3_ACCESS_KEY"],
-        aws_secret_access_key=env["S3_SECRET_KEY"],
-        region_name="us-east-1",
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
+    s3 = stack.s3_client(env)
     s3.upload_file(str(teacher_path), "ckpt", "teachers/toy2d-ring8.safetensors")
     print("demo: teacher uploaded to s3://ckpt/teachers/toy2d-ring8.safetensors")
 

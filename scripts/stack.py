@@ -90,11 +90,12 @@ def _http_ok(url: str) -> bool:
         return r.status == 200
 
 
-def _s3_ok(env: dict[str, str]) -> bool:
+def s3_client(env: dict[str, str]):
+    """A boto3 client of the stack's S3 (path-style addressing, as SeaweedFS needs)."""
     import boto3
     from botocore.config import Config
 
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["S3_ENDPOINT_URL"],
         aws_access_key_id=env["S3_ACCESS_KEY"],
@@ -102,7 +103,10 @@ def _s3_ok(env: dict[str, str]) -> bool:
         region_name="us-east-1",
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
-    names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+
+
+def _s3_ok(env: dict[str, str]) -> bool:
+    names = {b["Name"] for b in s3_client(env).list_buckets()["Buckets"]}
     return {"ckpt", "mlflow"} <= names
 
 
