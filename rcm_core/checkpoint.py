@@ -2,7 +2,8 @@
 
 A checkpoint directory holds the DCP shards, then `manifest.json`, written last: a directory without a
 manifest is an interrupted save and is never taken as the latest. Works in one process (DCP's
-no-process-group mode) and, unchanged, with one shard per rank under torch.distributed.
+no-process-group mode) and with one shard per rank under torch.distributed (every rank calls it with the same
+shared directory; rank 0 alone clears it and writes the manifest, after every rank's shards are written).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -22,16 +24,20 @@ MANIFEST = "manifest.json"
 def save_checkpoint(app: Stateful, root: Path, step: int, *, extra: dict[str, Any] | None = None) -> Path:
     """Save `app` to root/step-<step>/; returns the directory."""
     out = root / f"step-{step}"
-    if out.exists():
-        shutil.rmtree(out)  # a stale or partial save of the same step
-    out.mkdir(parents=True)
+    if _rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)  # a stale or partial save of the same step
+        out.mkdir(parents=True)
+    _barrier()  # no rank writes into the directory before it is cleared
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"app": app}, checkpoint_id=str(out))
-    manifest = {"step": step, "format": "dcp", **(extra or {})}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    if _rank() == 0:  # dcp.save returns on rank 0 after every rank's shards and the metadata are written
+        manifest = {"step": step, "format": "dcp", **(extra or {})}
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(out / MANIFEST)
+    _barrier()  # no rank looks for the manifest before it exists
     return out
 
 
@@ -54,3 +60,12 @@ def latest_checkpoint(root: Path) -> Path | None:
             step = int(d.name[5:])
             best = max(best, (step, d)) if best else (step, d)
     return best[1] if best else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

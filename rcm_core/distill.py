@@ -7,6 +7,10 @@ One `train_step` (rCM, arXiv 2510.08431, Sec. 3):
   3. EMA update.
 sCM-only and DMD-only are this code with one weight set to zero. All randomness comes from one
 torch.Generator whose state is checkpointed, so a resumed run reproduces the next step exactly.
+
+Under torch.distributed (rcm_core.parallel) every rank runs this same code on the same global batch with the
+same generator; only the networks are distributed (`copy_net` builds sharded ones), and they return full,
+gathered outputs, so losses and metrics are identical on all ranks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +41,35 @@ from rcm_core.models.flow import FlowModel, guided_f
 class Distiller(Stateful):
     """Owns the student, its EMA, the frozen teacher, the fake score and their optimizers."""
 
-    def __init__(self, config: DistillConfig, teacher_net: torch.nn.Module, task, *, parameterization: str):
+    def __init__(
+        self,
+        config: DistillConfig,
+        teacher_net: torch.nn.Module,
+        task,
+        *,
+        parameterization: str,
+        copy_net: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        device: torch.device | str | None = None,
+    ):
+        """
+        Args:
+            teacher_net: the teacher network; student and fake score start as copies of it.
+            task: draws data and conditions (`sample`, `sample_cond`, `null_cond`, `sample_shape`).
+            copy_net: builds an independent network holding teacher_net's weights (default: a deep copy, and the
+                teacher is used as it is). rcm_core.parallel passes one that builds a sharded copy, used for the
+                teacher too.
+            device: where the generator draws its random tensors (the networks' device; default CPU).
+        """
         self.config = config
         self.task = task
         param = parameterization
-        self.teacher = FlowModel(teacher_net, param).eval().requires_grad_(False)
-        self.student = FlowModel(copy.deepcopy(teacher_net), param).train().requires_grad_(True)
-        self.ema = PowerFunctionEMA(self.student, config.optim.ema_sigma_rel)
+        teacher = teacher_net if copy_net is None else copy_net(teacher_net)
+        copy_net = copy_net or copy.deepcopy
+        self.teacher = FlowModel(teacher, param).eval().requires_grad_(False)
+        self.student = FlowModel(copy_net(teacher_net), param).train().requires_grad_(True)
+        # The EMA starts as a copy of the student, made by copy_net: a sharded module cannot be deep-copied.
+        average = FlowModel(copy_net(teacher_net), param)
+        self.ema = PowerFunctionEMA(self.student, config.optim.ema_sigma_rel, average=average)
         o = config.optim
         betas = (o.beta1, o.beta2)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=betas, weight_decay=o.weight_decay)
@@ -50,35 +77,36 @@ class Distiller(Stateful):
         self.fake_opt: torch.optim.Optimizer | None = None
         if config.loss.dmd_weight > 0:
             # The fake score starts as the teacher: at step 0 it models the teacher, not the student.
-            self.fake = FlowModel(copy.deepcopy(teacher_net), param).train().requires_grad_(True)
+            self.fake = FlowModel(copy_net(teacher_net), param).train().requires_grad_(True)
             self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=o.fake_lr, betas=betas, weight_decay=0.0)
-        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.generator = torch.Generator(device=device or "cpu").manual_seed(config.train.seed)
         self.step = 0
 
     # ------------------------------------------------------------------------------------------ helpers
     def _teacher_fn(self, cond):
-        null = self.task.null_cond(len(cond))
+        null = self.task.null_cond(_batch_size(cond))
         w = self.config.teacher.guidance_scale
         return lambda x, t: guided_f(self.teacher, x, t, cond, null, w)
 
     def _student_rollout(self, cond, *, with_grad: bool) -> torch.Tensor:
-        lc, gen, b = self.config.loss, self.generator, len(cond)
-        num_steps = int(torch.randint(1, lc.max_rollout_steps + 1, (1,), generator=gen))
-        times = rollout_times(num_steps, b, lc, generator=gen)
-        noise = torch.randn((b, *self.task.sample_shape), generator=gen)
+        lc, gen, b = self.config.loss, self.generator, _batch_size(cond)
+        num_steps = int(torch.randint(1, lc.max_rollout_steps + 1, (1,), generator=gen, device=gen.device))
+        times = rollout_times(num_steps, b, lc, generator=gen, device=gen.device)
+        noise = torch.randn((b, *self.task.sample_shape), generator=gen, device=gen.device)
         with torch.set_grad_enabled(with_grad):
             return rollout(lambda x, t: self.student(x, t, cond), noise, times, generator=gen)
 
     def _dmd_times(self, b: int) -> torch.Tensor:
         lc = self.config.loss
-        return trigflow.sample_uniform_rf_time(b, lc.dmd_s_min, lc.dmd_s_max, generator=self.generator)
+        gen = self.generator
+        return trigflow.sample_uniform_rf_time(b, lc.dmd_s_min, lc.dmd_s_max, generator=gen, device=gen.device)
 
     def _critic_step(self) -> dict[str, float]:
         assert self.fake is not None and self.fake_opt is not None
         b, gen = self.config.train.batch_size, self.generator
         cond = self.task.sample_cond(b, generator=gen)
         x0_student = self._student_rollout(cond, with_grad=False)
-        eps = torch.randn(x0_student.shape, generator=gen)
+        eps = torch.randn(x0_student.shape, generator=gen, device=gen.device)
         loss, metrics = fake_score_loss(self.fake, x0_student, cond, t=self._dmd_times(b), eps=eps)
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,10 +125,10 @@ class Distiller(Stateful):
                 metrics.update(self._critic_step())
 
         x0, cond = self.task.sample(b, generator=gen)
-        total = torch.zeros(())
+        total = torch.zeros((), device=gen.device)
         if lc.scm_weight > 0:
-            t = trigflow.sample_lognormal_time(b, lc.p_mean, lc.p_std, generator=gen)
-            eps = torch.randn(x0.shape, generator=gen)
+            t = trigflow.sample_lognormal_time(b, lc.p_mean, lc.p_std, generator=gen, device=gen.device)
+            eps = torch.randn(x0.shape, generator=gen, device=gen.device)
             r = tangent_warmup(self.step, lc.tangent_warmup_steps)
             loss_scm, m = scm_loss(self.student, self._teacher_fn(cond), x0, cond, t=t, eps=eps, r=r, config=lc)
             total = total + lc.scm_weight * loss_scm
@@ -108,7 +136,7 @@ class Distiller(Stateful):
         if lc.dmd_weight > 0:
             assert self.fake is not None
             x0_student = self._student_rollout(cond, with_grad=True)
-            eps = torch.randn(x0_student.shape, generator=gen)
+            eps = torch.randn(x0_student.shape, generator=gen, device=gen.device)
             fake_fn = lambda x, t: self.fake(x, t, cond)  # noqa: E731
             loss_dmd, m = dmd_loss(x0_student, self._teacher_fn(cond), fake_fn, t=self._dmd_times(b), eps=eps)
             total = total + lc.dmd_weight * loss_dmd
@@ -159,3 +187,8 @@ class Distiller(Stateful):
         if self.fake is not None and self.fake_opt is not None:
             set_model_state_dict(self.fake, state["fake"])
             set_optimizer_state_dict(self.fake, self.fake_opt, state["fake_opt"])
+
+
+def _batch_size(cond) -> int:
+    """Rows in a condition: a tensor, or a dict of tensors (e.g. {"tokens": (B, Lc, Dc)})."""
+    return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)

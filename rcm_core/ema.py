@@ -31,9 +31,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 class PowerFunctionEMA:
     """Keeps an averaged copy of `model`; call `update(model)` after every optimizer step."""
 
-    def __init__(self, model: nn.Module, sigma_rel: float):
+    def __init__(self, model: nn.Module, sigma_rel: float, *, average: nn.Module | None = None):
+        """`average` holds the averaged weights (default: a deep copy of `model`); pass an equal copy when the
+        model cannot be deep-copied (a sharded FSDP module)."""
         self.gamma = sigma_rel_to_gamma(sigma_rel)
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model = (average if average is not None else copy.deepcopy(model)).requires_grad_(False).eval()
         self.num_updates = 0
 
     def beta(self) -> float:

@@ -7,7 +7,8 @@ the networks split it over dp_shard_degree ranks and each sample's tokens over c
 each step and appends one JSON line per run to --results: step time (mean over the steps after --warmup-steps),
 tokens/s per GPU (global batch x tokens per sample / step time / world size; one rCM step runs the networks
 about 20 times on those tokens, see docs/benchmarks.md) and the peak allocated memory over ranks. NCCL on
-CUDA, gloo on CPU. With --checkpoint-dir it saves sharded DCP checkpoints (and --resume loads the latest).
+CUDA, gloo on CPU. With --checkpoint-dir it saves sharded DCP checkpoints (every --checkpoint-every steps and
+at the end); --resume [PATH] continues from one (default: the latest).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # outputs
     p.add_argument("--results", type=Path, default=None, help="append one JSON line per run (rank 0)")
     p.add_argument("--label", default="", help="free text stored with the result")
-    p.add_argument("--checkpoint-dir", type=Path, default=None)
-    p.add_argument("--resume", action="store_true", help="load the latest checkpoint under --checkpoint-dir")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="sharded DCP checkpoints: step-<N>/ in here")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help="a step-<N> dir, or the latest one")
     return p.parse_args(argv)
 
 
@@ -128,7 +130,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     distiller, cfg, pconfig = build_distiller(args, device)
     dims = ParallelDims.from_config(pconfig, world)
-    if args.resume and args.checkpoint_dir and (path := latest_checkpoint(args.checkpoint_dir)) is not None:
+    if args.resume:
+        path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else Path(args.resume)
+        if path is None:
+            raise SystemExit(f"--resume: no complete checkpoint under {args.checkpoint_dir}")
         load_checkpoint(distiller, path)
         log.info("resumed from %s (step %d)", path, distiller.step)
     tokens_per_sample = (cfg.image_size // cfg.patch_size) ** 2
@@ -148,6 +153,8 @@ def main(argv=None) -> None:
         seconds.append(time.perf_counter() - start)
         losses.append(metrics["loss"])
         log.info("step %d loss %.5f  %.2f s", distiller.step, metrics["loss"], seconds[-1])
+        if args.checkpoint_dir and args.checkpoint_every and distiller.step % args.checkpoint_every == 0:
+            save_checkpoint(distiller, args.checkpoint_dir, distiller.step)
     if args.checkpoint_dir:
         save_checkpoint(distiller, args.checkpoint_dir, distiller.step)
     peak = torch.tensor(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0, device=device)

@@ -1,17 +1,23 @@
 """A small DiT (Peebles & Xie, arXiv 2212.09748) with adaLN-zero, self-attention and optional
 cross-attention to condition tokens; float32 time path (rCM, arXiv 2510.08431, Sec. 4).
 
-Single-device code: no torch.distributed here (parallelism is applied from outside).
+Single-device code: no torch.distributed here. Parallelism is applied from outside (rcm_core.parallel) through
+three hooks that are identities on one device: `Attention.core_attention` (the self-attention op), and
+`DiT.shard_sequence` / `DiT.gather_sequence` (this rank's slice of the tokens, and the inverse).
+Activations follow the weights' dtype (bf16 under mixed precision); the output has the input's dtype.
 Legend: B batch, C channels, Hs x Ws image size, p patch size, L = (Hs/p)(Ws/p) tokens, D model width,
 H heads, Lc condition tokens, Dc condition width.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rcm_core.models.attention import attention
 from rcm_core.models.embeddings import TimeEmbedding
@@ -55,6 +61,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (x.to(scale.dtype) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
 
 
+def norm_in_float32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) (LayerNorm, RMSNorm or Identity) computed in at least float32, returned in x's dtype.
+
+    NOTE: forward-mode AD through a bf16 LayerNorm on CUDA gives a float32 tangent (its saved statistics are
+    float32; seen with torch 2.11), which the next bf16 matmul rejects. Casting back from float32 casts the
+    tangent too. In float32 and float64 this is exactly norm(x).
+    """
+    if isinstance(norm, nn.Identity):
+        return x
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    weight = None if norm.weight is None else norm.weight.to(dtype)
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x.to(dtype), norm.normalized_shape, weight, norm.eps).to(x.dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    return F.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, kv_dim: int | None = None, qk_norm: bool, backend: str):
         super().__init__()
@@ -64,13 +87,17 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        # (q, k, v, key_padding_mask) -> o; rcm_core.parallel.context_parallel swaps in Ulysses for self-attention
+        self.core_attention: Callable[..., torch.Tensor] = functools.partial(attention, backend=backend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_padding_mask=None) -> torch.Tensor:
         b, n, d = x.shape
         ctx = x if context is None else context
         q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, Nq, Dh)
-        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, Nk, Dh)
-        o = attention(self.q_norm(q), self.k_norm(k), v, key_padding_mask, backend=self.backend)  # (B, H, Nq, Dh)
+        kv = self.kv(ctx.to(self.kv.weight.dtype))  # (B, Nk, 2 D); condition tokens arrive in float32
+        k, v = kv.view(b, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, Nk, Dh)
+        q, k = norm_in_float32(self.q_norm, q), norm_in_float32(self.k_norm, k)
+        o = self.core_attention(q, k, v, key_padding_mask)  # (B, H, Nq, Dh)
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -97,7 +124,7 @@ class DiTBlock(nn.Module):
             shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # 6 x (B, D)
         x = x + gate1[:, None].to(x.dtype) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, L, D)
         if self.cross is not None and context is not None:
-            x = x + self.cross(self.norm_cross(x), context, context_mask)
+            x = x + self.cross(norm_in_float32(self.norm_cross, x), context, context_mask)
         x = x + gate2[:, None].to(x.dtype) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -140,10 +167,14 @@ class DiT(nn.Module):
         self.time_embed = TimeEmbedding(d, time_dtype=time_dtype)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(d, cfg.in_channels * p * p)
+        # (tensor, seq dim) -> this rank's tokens / all tokens; rcm_core.parallel sets them for context parallelism
+        self.shard_sequence: Callable[[torch.Tensor, int], torch.Tensor] = _whole_sequence
+        self.gather_sequence: Callable[[torch.Tensor, int], torch.Tensor] = _whole_sequence
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        self.pos_embed.copy_(sincos_pos_embed(self.cfg.dim, self.grid))  # fixed, but a model built on `meta` has none
         for m in self.modules():  # Xavier-uniform linears with zero bias (DiT)
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -164,14 +195,20 @@ class DiT(nn.Module):
         b, ch, hs, ws = x.shape
         p, g = self.cfg.patch_size, self.grid
         tokens = x.reshape(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)  # (B, L, C p p)
-        h = self.patch_embed(tokens) + self.pos_embed.to(x.dtype)  # (B, L, D)
+        tokens, pos = self.shard_sequence(tokens, 1), self.shard_sequence(self.pos_embed, 0)  # (B, L', C p p), (L', D)
+        h = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))
+        h = h + pos.to(h.dtype)  # (B, L', D); L' = L / cp under context parallelism
         c = self.time_embed(time)  # (B, D) float32
         context = cond["tokens"] if cond is not None else None  # (B, Lc, Dc)
         mask = cond.get("mask") if cond is not None else None  # (B, Lc) True = real token
         for block in self.blocks:
             h = block(h, c, context, mask)
-        out = self.final(h, c)  # (B, L, C p p)
+        out = self.gather_sequence(self.final(h, c), 1).to(x.dtype)  # (B, L, C p p)
         return out.reshape(b, g, g, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, hs, ws)
+
+
+def _whole_sequence(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x
 
 
 def num_params(model: nn.Module) -> int:
