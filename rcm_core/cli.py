@@ -67,11 +67,41 @@ def cmd_distill(args) -> int:
 def cmd_teacher_train(args) -> int:
     from rcm_core import pipeline
 
+    if args.preset == "shapes":
+        return _train_shapes_teacher(args)
     cfg = _config_from_args(args)
     if args.out:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(Path(args.out) / "run")))
     _, meta, path = pipeline.get_teacher(cfg, print_reporter)
     print(json.dumps({"path": str(path), **meta}, indent=2))
+    return 0
+
+
+def _train_shapes_teacher(args) -> int:
+    import yaml
+
+    from rcm_core.config import _build
+    from rcm_core.shapes_teacher import ShapesTeacherConfig, evaluate_shapes, save_shapes_teacher, train_shapes_teacher
+
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        overrides[key] = yaml.safe_load(raw)
+    cfg = _build(ShapesTeacherConfig, overrides, "")
+    out = Path(args.out or "runs/teachers/shapes.safetensors")
+    print(f"[teacher] shapes: {cfg.steps} steps of batch {cfg.batch_size} -> {out}", flush=True)
+    net, record = train_shapes_teacher(
+        cfg, progress=lambda s, n, loss: print(f"[teacher] step {s:>7}/{n}  loss={loss:.4f}", flush=True)
+    )
+    if not args.no_eval:
+        record["eval"] = evaluate_shapes(
+            net, samples_per_prompt=4, num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale
+        )
+        print(json.dumps({"geneval_style_score": record["eval"]}, indent=2))
+    save_shapes_teacher(net, out, cfg, record)
+    print(f"[teacher] saved {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -175,12 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def add_config(sp, *, required: bool = False):
+    def add_config(sp, *, required: bool = False, extra_presets: tuple[str, ...] = ()):
         if required:
             sp.add_argument("config", help="YAML config (see configs/)")
         else:
             sp.add_argument("--config", help="YAML config (default: the preset)")
-        sp.add_argument("--preset", default="toy2d-rcm", choices=sorted(PRESETS), help="base config")
+        choices = sorted(PRESETS) + list(extra_presets)
+        sp.add_argument("--preset", default="toy2d-rcm", choices=choices, help="base config")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=500")
 
     d = sub.add_parser("distill", help="distill a student from a YAML config")
@@ -190,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teacher", help="teacher commands")
     tsub = t.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
-    tt = tsub.add_parser("train", help="train (or find cached) the built-in teacher")
-    add_config(tt)
-    tt.add_argument("--out", help="directory for the teacher (default: next to the run directory)")
+    tt = tsub.add_parser("train", help="train (or find cached) a built-in teacher: 2-D (toy2d-*) or shapes (T2I)")
+    add_config(tt, extra_presets=("shapes",))
+    tt.add_argument("--out", help="toy2d: directory for the teacher; shapes: the .safetensors path")
+    tt.add_argument("--no-eval", action="store_true", help="shapes: skip the GenEval-style evaluation")
     tt.set_defaults(func=cmd_teacher_train)
 
     s = sub.add_parser("sample", help="sample from a checkpoint")

@@ -59,9 +59,13 @@ def train_toy2d_teacher(
 
 def save_teacher(net: torch.nn.Module, path: Path, meta: dict) -> None:
     """Weights and the config needed to rebuild them, in one safetensors file."""
+    save_state(net.state_dict(), path, meta)
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"rcm": json.dumps(meta)})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"rcm": json.dumps(meta)})
     tmp.replace(path)  # atomic: a crash never leaves a half-written teacher behind
 
 
