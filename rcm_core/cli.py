@@ -80,7 +80,7 @@ def cmd_teacher_train(args) -> int:
 def _train_shapes_teacher(args) -> int:
     import yaml
 
-    from rcm_core.config import _build
+    from rcm_core.config import build_dataclass
     from rcm_core.shapes_teacher import ShapesTeacherConfig, evaluate_shapes, save_shapes_teacher, train_shapes_teacher
 
     overrides = {}
@@ -89,7 +89,7 @@ def _train_shapes_teacher(args) -> int:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
         overrides[key] = yaml.safe_load(raw)
-    cfg = _build(ShapesTeacherConfig, overrides, "")
+    cfg = build_dataclass(ShapesTeacherConfig, overrides)
     out = Path(args.out or "runs/teachers/shapes.safetensors")
     print(f"[teacher] shapes: {cfg.steps} steps of batch {cfg.batch_size} -> {out}", flush=True)
     net, record = train_shapes_teacher(

@@ -243,6 +243,11 @@ def _build(cls: type, data: dict, path: str) -> Any:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
 
 
+def build_dataclass(cls: type, data: dict[str, Any]) -> Any:
+    """Validate `data` against any config dataclass `cls` (unknown keys and bad values raise ConfigError)."""
+    return _build(cls, data, "")
+
+
 def config_from_dict(data: dict[str, Any], *, base: DistillConfig | None = None) -> DistillConfig:
     """Validate a dict against `DistillConfig`, starting from `base` (defaults when None)."""
     if not isinstance(data, dict):

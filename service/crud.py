@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import ApiToken, Job, JobEvent, utcnow
+from service.db import ApiToken, Job, JobEvent
 from service.schemas import JobCreate, JobState
 
 
@@ -106,6 +106,3 @@ def events_after(session: Session, job_id: str, after_id: int = 0) -> list[JobEv
 def active_jobs(session: Session) -> list[Job]:
     terminal = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
     return list(session.scalars(select(Job).where(Job.state.not_in(terminal))))
-
-
-__all__ = ["utcnow"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
@@ -105,6 +104,3 @@ class Reconciler:
             except Exception:  # noqa: BLE001  (the loop must survive anything; the error is logged)
                 log.exception("reconciler pass failed")
             self._stop.wait(self.interval_s)
-
-
-__all__ = ["Reconciler", "reconcile_once", "time"]

@@ -90,7 +90,7 @@ def _spec(name, steps, **schedule):
 
 
 def _wait(token, job_id, pred, timeout=240):
-    deadline = time.monotonic() + timeout
+    deadline, job = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
             job = httpx.get(f"{API}/v1/jobs/{job_id}", headers=_h(token), timeout=5).json()

@@ -4,6 +4,7 @@ by a clear margin on every metric; the CLI evaluates and samples the resulting c
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_progress_and_checkpoints_are_reported(run):
     assert kinds.count("step") == 4 and kinds.count("checkpoint") == 2
     steps = [f for k, f in events if k == "step"]
     assert all(f["eta"] >= 0 and "scm_loss" in f and "dmd_loss" in f for f in steps)
-    assert cfg.train.output_dir and (pipeline.Path(cfg.train.output_dir) / "checkpoints" / "step-600").is_dir()
+    assert cfg.train.output_dir and (Path(cfg.train.output_dir) / "checkpoints" / "step-600").is_dir()
 
 
 def test_rerun_resumes_from_the_latest_checkpoint(run):
@@ -57,14 +58,14 @@ def test_rerun_resumes_from_the_latest_checkpoint(run):
     d = pipeline.distill(longer, resume=True, reporter=lambda kind, **f: events.append((kind, f)))
     assert (
         "resumed",
-        {"step": 600, "path": str(pipeline.Path(cfg.train.output_dir) / "checkpoints" / "step-600")},
+        {"step": 600, "path": str(Path(cfg.train.output_dir) / "checkpoints" / "step-600")},
     ) in events
     assert d.step == 610
 
 
 def test_cli_eval_and_sample_a_checkpoint(run, tmp_path):
     cfg, _, _ = run
-    ckpt = pipeline.Path(cfg.train.output_dir) / "checkpoints" / "step-600"
+    ckpt = Path(cfg.train.output_dir) / "checkpoints" / "step-600"
     res = subprocess.run(
         [
             sys.executable,
