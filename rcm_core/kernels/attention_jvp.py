@@ -10,7 +10,8 @@ O(N^2) memory. This module computes, per (batch, head), with s the softmax scale
 
 in one pass over K/V with an online softmax (FlashAttention-2, Dao 2023), so no N^2 buffer is ever written.
 The running accumulators are unnormalised: acc_o = sum_j p_ij v_j, acc_t = sum_j p_ij vt_j + h_ij v_j,
-l = sum_j p_ij, r = sum_j h_ij, all rescaled together when the running row max moves; at the end
+l = sum_j p_ij, r = sum_j h_ij, all rescaled together when the running row max moves (or, with the fused
+kernel's lazy rescale, only when it moves by more than 2^8); at the end
 O = acc_o / l and O_t = acc_t / l - (r / l) O. Scores live in log2 units (log2(e) folded into the scale, exp2).
 
 Cost in GEMMs of size (rows x keys x D), per key block:
@@ -35,11 +36,18 @@ one head (8 warps: each warpgroup 64 rows) and streams K, K_t, V, V_t through sh
 descriptors (Hopper; plain masked loads elsewhere or for unaligned tensors); Q and Q_t stay resident. The key
 loop runs the whole blocks unmasked and the one block straddling the sequence end masked. Both tangent GEMM
 pairs accumulate into one fp32 tile each, so the fused kernel holds two (BLOCK_M, D) accumulators (O, O_t),
-not three. Launch configs are autotuned per head dim, mode and power-of-two length bucket (not exact lengths),
-so nearby sequence lengths reuse one tuned, compiled kernel.
+not three. The fused kernel issues its three score GEMMs before the softmax and its three accumulating GEMMs
+after it, and can rescale its accumulators lazily (only when a row max grows by more than 2^8, as in
+FlashAttention-4; an autotune choice). Limit of this design on Hopper, read off the sm_90a SASS: Triton waits
+right after each wgmma group whose result the same key block uses, and both warpgroups of a program meet at a
+CTA barrier at every TMA refill, so the softmax never overlaps tensor-core work (no FA3-style ping-pong); at
+D=64, where exp2 takes a third of the GEMM time, the fused kernel stays near 540 TFLOP/s. Launch configs are
+autotuned per head dim, mode and power-of-two length bucket (not exact lengths), so nearby sequence lengths reuse
+one tuned, compiled kernel.
 
 Based on: FlashAttention-2 (Dao 2023, arXiv 2307.08691) for the tiling and online softmax; the Triton fused
-attention tutorial for the kernel layout; rCM (arXiv 2510.08431) for the idea of a FlashAttention JVP kernel.
+attention tutorial for the kernel layout; rCM (arXiv 2510.08431) for the idea of a FlashAttention JVP kernel;
+FlashAttention-4 (the CuTe-DSL forward kernel of the flash-attention repository) for the conditional rescale.
 Written for this project; the tangent formula is the softmax derivative written out above.
 
 Supported: q, q_t (B, H, Nq, D); k, v, k_t, v_t (B, H, Nk, D); Nq != Nk (cross-attention); any lengths (masked
@@ -50,7 +58,8 @@ masked; a row with no valid key gives O = O_t = 0.
 Known limits: non-causal only; no dropout, no attention bias; no gradient through O_t (no second order), and
 the jvp rule refuses to run under an outer functorch transform (vmap, grad of jvp); one scale for all heads;
 not a torch.library op, so torch.compile graph-breaks around it; the fused D=128 config sits at the register
-limit (32 bytes of spill in a Triton 3.9 sm_90 build) and D=256 fused spills heavily (correct, slow);
+limit (140 bytes of spill, outside the key loop, in a Triton 3.6 sm_90a build) and D=256 fused spills heavily
+(correct, slow);
 launching with TMA sets Triton's global allocator (`triton.set_allocator`, torch-allocated scratch for the
 descriptors); first use of a new (head dim, mode, length bucket) autotunes, which compiles 2-3 configs. fp32
 inputs on a GPU run IEEE fp32 dots on FMA units with one small pinned config (`_fp32_config`): a correctness
@@ -71,6 +80,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # scores are kept in log2 units so the kernels use exp2; the saved LSE is in natural-log units
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# the fused kernel rescales its accumulators only when a running row max grows by more than this (log2 units)
+RESCALE_THRESHOLD = tl.constexpr(8.0)
 
 MODE_PRIMAL = 0  # O and LSE
 MODE_FUSED = 1  # O, O_t and LSE in one pass (online softmax)
@@ -84,13 +95,19 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, **kwarg
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **kwargs}, num_warps=num_warps, num_stages=num_stages)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotune candidates per mode and head dim, for Hopper (H100), first
-# entry = fastest in a pinned-config sweep (docs/benchmarks.md). The fused mode holds two (BLOCK_M, D) fp32
-# accumulators (O and O_t) plus the S / S_t tiles: with 8 warps each warpgroup owns 64 query rows, and at D=128 a
-# 64-key block sits at the 255-register limit (32 B of spill in a Triton 3.9 build) yet beats 32-key blocks by
-# 10-20%. The tangent-only mode holds one accumulator and the primal mode is a plain FlashAttention forward.
-# Shared memory (Q, Q_t resident, plus num_stages x (K, K_t, V, V_t) tiles) caps the stage count. D=256 fused
-# always spills (two 64x256 fp32 accumulators alone fill the register file): correct, not fast.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, LAZY_RESCALE]) autotune candidates per mode and head dim, for Hopper
+# (H100), first entry = fastest in a pinned-config sweep (docs/benchmarks.md; the fused D=32 and D=256 lists were
+# not re-timed). LAZY_RESCALE (fused mode only, default False) picks the lazy accumulator rescale of
+# `_attn_jvp_fwd_block`: it saves the rescale multiplies but adds a block-wide reduction per key block; the two
+# measured within 2% of each other, either way round by shape, so the autotuner times both. The fused mode
+# holds two (BLOCK_M, D) fp32 accumulators (O and O_t) plus the S / S_t tiles: with 8 warps each warpgroup owns 64
+# query rows, and at D=128 a 64-key block sits at the 255-register limit (140 B of spill outside the key loop in a
+# Triton 3.6 sm_90a build, none inside it) yet beats 32-key blocks by 20-25%. 64-row programs (4 warps, two
+# programs per SM) were 15-55% slower at D=64 and D=128: each re-reads K/V from L2 for half as many query rows.
+# The tangent-only mode holds one accumulator and the primal mode is a plain FlashAttention forward. Shared
+# memory (Q, Q_t resident, plus num_stages x (K, K_t, V, V_t) tiles) caps the stage count (fused D=64 128x128
+# s3: 224 KiB of the 227 KiB). D=256 fused always spills (two 64x256 fp32 accumulators alone fill the register
+# file): correct, not fast.
 _FWD_TILES = {
     MODE_PRIMAL: {
         32: [(128, 128, 8, 3), (128, 64, 4, 3)],
@@ -99,10 +116,10 @@ _FWD_TILES = {
         256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
     },
     MODE_FUSED: {
-        32: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        64: [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 3)],
-        256: [(64, 32, 8, 2), (64, 32, 4, 2)],
+        32: [(128, 64, 8, 3, True), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        64: [(128, 128, 8, 3, True), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 2, True), (128, 64, 8, 2), (128, 32, 8, 3)],
+        256: [(64, 32, 8, 2, True), (64, 32, 8, 2), (64, 32, 4, 2)],
     },
     MODE_TANGENT: {
         32: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
@@ -121,7 +138,7 @@ _BWD_TILES = {
 }
 # One small config for Triton's CPU interpreter: there the cost is per Python-level block op, and 32-key blocks
 # make short test sequences exercise several full blocks plus a masked tail.
-_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, LAZY_RESCALE=True)
 
 
 def _fp32_config(head_dim: int) -> dict:
@@ -130,32 +147,43 @@ def _fp32_config(head_dim: int) -> dict:
     return dict(BLOCK_M=32 if head_dim == 256 else 64, BLOCK_N=32, num_warps=8, num_stages=1)
 
 
-_FWD_CONFIGS = [_config(*tile) for by_dim in _FWD_TILES.values() for tiles in by_dim.values() for tile in tiles]
+def _fwd_tile(tile: tuple) -> tuple:
+    """A forward tile with its LAZY_RESCALE flag spelled out: (BLOCK_M, BLOCK_N, num_warps, num_stages, lazy)."""
+    return tuple(tile) if len(tile) == 5 else (*tile, False)
+
+
+def _tile_of(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs.get("LAZY_RESCALE", False))
+
+
+_FWD_CONFIGS = [
+    _config(*tile[:4], LAZY_RESCALE=tile[4])
+    for by_dim in _FWD_TILES.values()
+    for tiles in by_dim.values()
+    for tile in map(_fwd_tile, tiles)
+]
 _BWD_CONFIGS = [_config(*tile) for d in _BWD_TILES for tile in _BWD_TILES[d]]
 
 
 def _unique(configs: list[triton.Config]) -> list[triton.Config]:
     seen, out = set(), []
     for c in configs:
-        sig = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        if sig not in seen:
-            seen.add(sig)
+        if _tile_of(c) not in seen:
+            seen.add(_tile_of(c))
             out.append(c)
     return out
 
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = {**named_args, **kwargs}
-    wanted = set(_FWD_TILES[args["MODE"]][args["HEAD_DIM"]])
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-    return _unique(keep)
+    wanted = {_fwd_tile(t) for t in _FWD_TILES[args["MODE"]][args["HEAD_DIM"]]}
+    return _unique([c for c in configs if _tile_of(c) in wanted])
 
 
 def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = {**named_args, **kwargs}
-    wanted = set(_BWD_TILES[args["HEAD_DIM"]])
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-    return _unique(keep)
+    wanted = {(*t, False) for t in _BWD_TILES[args["HEAD_DIM"]]}
+    return _unique([c for c in configs if _tile_of(c) in wanted])
 
 
 def _length_bucket(n: int) -> int:
@@ -184,28 +212,74 @@ def _load_key_rows(src, start_n, valid_n, MASK_N: tl.constexpr, USE_TMA: tl.cons
 
 
 @triton.jit
+def _tangent_scores(q, q_t, k, kt_ptrs, start_n, valid_n, MASK_N: tl.constexpr, HAS_QT: tl.constexpr,
+                    HAS_KT: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """s_t / scale = q_t k^T + q k_t^T for one key block, both products chained into one fp32 accumulator."""
+    if HAS_QT:
+        s_t = tl.dot(q_t, tl.trans(k), input_precision=INPUT_PRECISION)
+        if HAS_KT:
+            k_t = _load_key_rows(kt_ptrs, start_n, valid_n, MASK_N, USE_TMA)
+            s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=INPUT_PRECISION)
+    else:
+        k_t = _load_key_rows(kt_ptrs, start_n, valid_n, MASK_N, USE_TMA)
+        s_t = tl.dot(q, tl.trans(k_t), input_precision=INPUT_PRECISION)
+    return s_t
+
+
+@triton.jit
 def _attn_jvp_fwd_block(
     acc_o, acc_t, m_i, l_i, r_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, start_n, kv_len, offs_n, qk_scale, scale,
     MODE: tl.constexpr, HAS_QT: tl.constexpr, HAS_KT: tl.constexpr, HAS_VT: tl.constexpr, MASK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr,
 ):
     """One key block of the forward: updates the running (acc_o, acc_t, m_i, l_i, r_i) of BLOCK_M query rows.
 
-    Primal: s = q k^T (raw), p = exp2(s * qk_scale - m) with m the running row max in log2 units,
+    Primal: s = q k^T (raw), p = exp2(s * qk_scale - m) with m a running row max in log2 units,
     acc_o = alpha acc_o + p v, l = alpha l + rowsum(p), alpha = exp2(m_old - m_new).
     Tangent: s_t = scale (q_t k^T + q k_t^T), h = p * s_t, acc_t = alpha acc_t + p v_t + h v,
     r = alpha r + rowsum(h). In MODE 2 (tangent only) m_i holds the final LSE in log2 units: p is already
     normalised and nothing is rescaled. MASK_N marks the one block that straddles kv_len.
+
+    MODE 1 (fused) issues its three score GEMMs before the softmax and its three accumulating GEMMs after it,
+    back to back, so all elementwise work of a block sits in one stretch between the two GEMM groups (3-5%
+    faster on an H100 than the earlier interleaved order; docs/benchmarks.md). With LAZY_RESCALE it keeps m
+    stale while no row max grows by more than RESCALE_THRESHOLD = 8 (log2 units; the FlashAttention-4
+    conditional rescale): p <= 2^8 then, harmless in fp32 sums and in bf16/fp16 dot operands, and the O / O_t /
+    LSE epilogue is exact for any m. The test costs one block-wide reduction per key block and skips the alpha
+    rescale of two (BLOCK_M, HEAD_DIM) fp32 accumulators on almost every block.
     """
+    HAS_ST: tl.constexpr = MODE != 0 and (HAS_QT or HAS_KT)
     valid_n = (start_n + offs_n) < kv_len
     k = _load_key_rows(k_ptrs, start_n, valid_n, MASK_N, USE_TMA)
     # -- compute qk (raw q.k; the scale is applied in fp32 below) --
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    if MODE == 1 and HAS_ST:
+        s_t = _tangent_scores(q, q_t, k, kt_ptrs, start_n, valid_n, MASK_N, HAS_QT, HAS_KT, INPUT_PRECISION, USE_TMA)
     if MASK_N:
         s = tl.where(valid_n[None, :], s, float("-inf"))
     # -- softmax numerator: exp2, log2(e) folded into qk_scale, fp32 --
     if MODE == 2:
         p = tl.math.exp2(s * qk_scale - m_i[:, None])
+    elif MODE == 1:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if LAZY_RESCALE:
+            # block-uniform branch, taken on the first block (m = -inf) and when a row max grows by > 2^8
+            if tl.max((m_new > m_i + RESCALE_THRESHOLD).to(tl.int32), 0) > 0:
+                alpha = tl.math.exp2(m_i - m_new)
+                acc_o = acc_o * alpha[:, None]
+                acc_t = acc_t * alpha[:, None]
+                l_i = l_i * alpha
+                r_i = r_i * alpha
+                m_i = m_new
+        else:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc_o = acc_o * alpha[:, None]
+            acc_t = acc_t * alpha[:, None]
+            l_i = l_i * alpha
+            r_i = r_i * alpha
+            m_i = m_new
+        p = tl.math.exp2(s * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -213,34 +287,31 @@ def _attn_jvp_fwd_block(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     p_lo = p.to(q.dtype)  # the dot operand; s is dead from here, which keeps register pressure down
-    # -- primal: acc_o = alpha acc_o + p v --
-    if MODE != 2:
-        v = _load_key_rows(v_ptrs, start_n, valid_n, MASK_N, USE_TMA)
-        acc_o = acc_o * alpha[:, None]
-        acc_o = tl.dot(p_lo, v, acc_o, input_precision=INPUT_PRECISION)
-    # -- tangent: acc_t = alpha acc_t + p v_t + h v, h = p * s_t (one fp32 accumulator for both terms) --
-    if MODE != 0:
-        if MODE == 1:
-            acc_t = acc_t * alpha[:, None]
-            r_i = r_i * alpha
+    if MODE == 2:
+        # tangent only (one accumulator): p v_t first, then the score GEMMs, so fewer tiles are live at once
         if HAS_VT:
             v_t = _load_key_rows(vt_ptrs, start_n, valid_n, MASK_N, USE_TMA)
             acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=INPUT_PRECISION)
-        if HAS_QT or HAS_KT:
-            # s_t / scale: q_t k^T + q k_t^T chained into one fp32 accumulator
-            if HAS_QT:
-                s_t = tl.dot(q_t, tl.trans(k), input_precision=INPUT_PRECISION)
-                if HAS_KT:
-                    k_t = _load_key_rows(kt_ptrs, start_n, valid_n, MASK_N, USE_TMA)
-                    s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=INPUT_PRECISION)
-            else:
-                k_t = _load_key_rows(kt_ptrs, start_n, valid_n, MASK_N, USE_TMA)
-                s_t = tl.dot(q, tl.trans(k_t), input_precision=INPUT_PRECISION)
-            if MODE == 2:
-                v = _load_key_rows(v_ptrs, start_n, valid_n, MASK_N, USE_TMA)
-            h = p * (s_t * scale)
-            r_i = r_i + tl.sum(h, 1)
-            acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=INPUT_PRECISION)
+        if HAS_ST:
+            s_t = _tangent_scores(q, q_t, k, kt_ptrs, start_n, valid_n, MASK_N, HAS_QT, HAS_KT, INPUT_PRECISION,
+                                  USE_TMA)
+        v = _load_key_rows(v_ptrs, start_n, valid_n, MASK_N, USE_TMA)
+    # -- h = p * s_t and its row sum, ahead of the accumulating GEMMs --
+    if HAS_ST:
+        h = p * (s_t * scale)
+        r_i = r_i + tl.sum(h, 1)
+    # -- acc_o = alpha acc_o + p v; acc_t += p v_t + h v (one fp32 accumulator for both tangent terms) --
+    if MODE != 2:
+        v = _load_key_rows(v_ptrs, start_n, valid_n, MASK_N, USE_TMA)
+    if MODE == 0:
+        acc_o = acc_o * alpha[:, None]
+    if MODE != 2:
+        acc_o = tl.dot(p_lo, v, acc_o, input_precision=INPUT_PRECISION)
+    if MODE == 1 and HAS_VT:
+        v_t = _load_key_rows(vt_ptrs, start_n, valid_n, MASK_N, USE_TMA)
+        acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=INPUT_PRECISION)
+    if HAS_ST:
+        acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=INPUT_PRECISION)
     return acc_o, acc_t, m_i, l_i, r_i
 
 
@@ -253,7 +324,7 @@ def _attn_jvp_fwd_kernel(
     NUM_HEADS, N_Q, N_K, N_Q_BUCKET, N_K_BUCKET, scale,
     HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_QT: tl.constexpr, HAS_KT: tl.constexpr, HAS_VT: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
 ):
     """Program (pid_m, b*H + h): query rows [pid_m*BLOCK_M, +BLOCK_M) of one head against all its keys.
 
@@ -321,7 +392,7 @@ def _attn_jvp_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc_o, acc_t, m_i, l_i, r_i = _attn_jvp_fwd_block(
             acc_o, acc_t, m_i, l_i, r_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, start_n, kv_len, offs_n,
-            qk_scale, scale, MODE, HAS_QT, HAS_KT, HAS_VT, False, INPUT_PRECISION, USE_TMA,
+            qk_scale, scale, MODE, HAS_QT, HAS_KT, HAS_VT, False, INPUT_PRECISION, USE_TMA, LAZY_RESCALE,
         )
         if not USE_TMA:
             k_ptrs += BLOCK_N * stride_kn
@@ -332,7 +403,7 @@ def _attn_jvp_fwd_kernel(
     if n_full < kv_len:
         acc_o, acc_t, m_i, l_i, r_i = _attn_jvp_fwd_block(
             acc_o, acc_t, m_i, l_i, r_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, n_full, kv_len, offs_n, qk_scale,
-            scale, MODE, HAS_QT, HAS_KT, HAS_VT, True, INPUT_PRECISION, USE_TMA,
+            scale, MODE, HAS_QT, HAS_KT, HAS_VT, True, INPUT_PRECISION, USE_TMA, LAZY_RESCALE,
         )
 
     # -- epilogue: normalise; rows with no valid key (kv_len == 0) have l == 0 and give O = O_t = 0 --

@@ -6,8 +6,9 @@ A script, not a test. In one run it
      against the same computation in PyTorch at the inputs' precision (pass: err <= 2x + atol);
   2. optionally (--sweep) times pinned launch configs of each kernel mode, to choose the autotune lists;
   3. times, per shape: the fused kernel, torch.func.jvp through `attention`, PyTorch SDPA forward only (flash,
-     cuDNN), torch.func.jvp over SDPA's math backend ("OOM" when it does not fit) and, with --published PATH,
-     the published rCM Triton kernel (github.com/NVlabs/rcm, rcm/utils/flash_attention_jvp_triton.py; only its
+     cuDNN), torch.func.jvp over SDPA's math backend ("OOM" when it does not fit) and the published rCM Triton
+     kernel (github.com/NVlabs/rcm, rcm/utils/flash_attention_jvp_triton.py; kept out of the repository, loaded
+     from --published PATH, by default .bench/flash_attention_jvp_triton.py when that file exists; only its
      forward+JVP is timed, so its flash_attn/einops imports are stubbed when absent);
 and prints the table, appends CSV rows to OUT/attention_jvp_bench.csv and writes OUT/attention_jvp_bench.md.
 
@@ -15,7 +16,8 @@ Timing: triton.testing.do_bench median (CUDA events), after a warm-up call that 
 TFLOP/s counts 12*B*H*Nq*Nk*D for forward+JVP (6 GEMMs) and 4*B*H*Nq*Nk*D for SDPA forward (2 GEMMs).
 Peak memory: torch.cuda.max_memory_allocated during one call, inputs included.
 
-    PYTHONPATH=. python tests/benchmarks/bench_attention_jvp.py --out runs/bench [--published PATH] [--sweep CASES]
+    PYTHONPATH=. python tests/benchmarks/bench_attention_jvp.py --out runs/bench [--published PATH]
+        [--published-configs "case=BM,BN,WARPS,STAGES;case=auto"] [--sweep CASES]
 """
 
 import argparse
@@ -63,6 +65,8 @@ CHECK_SHAPES = [
     (2, 4, 2000, 512, 128, [512, 77], True),
 ]
 ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# where the published kernel's source is kept, out of the repository (.bench/ is git-ignored)
+PUBLISHED_PATH = Path(".bench/flash_attention_jvp_triton.py")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -132,6 +136,15 @@ def check_case(case, dtype, seed, published, fh) -> bool:
 # -- timing --------------------------------------------------------------------------------------------------------
 
 
+def gpu_state() -> str:
+    """SM clock, power and temperature now (NVML through torch), to read run-to-run timing spread against."""
+    try:
+        return (f"SM {torch.cuda.clock_rate()} MHz, {torch.cuda.power_draw() / 1000:.0f} W, "
+                f"{torch.cuda.temperature()} C")  # fmt: skip
+    except Exception as e:  # no NVML
+        return f"GPU state unavailable ({type(e).__name__})"
+
+
 def measure(fn, rep_ms):
     """(median ms, peak GB) or raises torch.OutOfMemoryError."""
     fn()  # warm-up; runs the autotuner on first use
@@ -178,12 +191,17 @@ def bench_shapes(shapes, dtype, published, rep_ms, fh, deadline, on_shape_done, 
     rows = []
     for name, B, H, Nq, Nk, D in shapes:
         q, k, v, q_t, k_t, v_t = make_inputs(B, H, Nq, Nk, D, dtype, seed=1234)
+        log(f"  {name}: {gpu_state()}", fh)
         pub = published
         if published is not None and published_configs is not None:
-            # pin the published autotuner (its ~110 s compile of 36 configs per new shape) to a given config
-            bm, bn, w, st = published_configs.get(name, (None,) * 4)
-            pub = None if bm is None else published
-            if pub is not None:
+            # pin the published autotuner (its ~110 s compile of 36 configs per new shape) to a given config, or
+            # give it back its own full list ("auto")
+            pin = published_configs.get(name)
+            pub = None if pin is None else published
+            if pin == "auto":
+                published._attn_fwd.configs = published.full_configs
+            elif pin is not None:
+                bm, bn, w, st = pin
                 published._attn_fwd.configs = [
                     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                 ]
@@ -223,7 +241,10 @@ def bench_shapes(shapes, dtype, published, rep_ms, fh, deadline, on_shape_done, 
 def sweep_configs(shapes, dtype, rep_ms, fh):
     """Time (and, where the float64 oracle fits, check) pinned configs of each forward mode."""
     extra = {
-        kernel_module.MODE_FUSED: {128: [(128, 32, 8, 4), (64, 64, 4, 2)], 64: [(128, 64, 8, 4), (64, 128, 4, 2)]},
+        kernel_module.MODE_FUSED: {
+            128: [(128, 32, 8, 4), (64, 64, 4, 1, True)],
+            64: [(128, 128, 8, 2, True), (128, 64, 8, 4, True), (128, 32, 4, 4, True)],
+        },
         kernel_module.MODE_TANGENT: {128: [(128, 128, 8, 2)], 64: [(64, 128, 4, 2)]},
         kernel_module.MODE_PRIMAL: {128: [(128, 64, 4, 3)], 64: [(64, 128, 4, 3)]},
     }
@@ -234,9 +255,9 @@ def sweep_configs(shapes, dtype, rep_ms, fh):
         ref = attention_jvp_ref(q, k, v, q_t, k_t, v_t) if B * H * Nq * Nk <= 4 * 32 * 4096 * 4096 else None
         for mode in (kernel_module.MODE_FUSED, kernel_module.MODE_TANGENT, kernel_module.MODE_PRIMAL):
             tiles = kernel_module._FWD_TILES[mode][D] + extra[mode].get(D, [])
-            for bm, bn, w, s in tiles:
+            for bm, bn, w, s, lazy in map(kernel_module._fwd_tile, tiles):
                 for use_tma in (True, False) if mode == kernel_module.MODE_FUSED and bn == 32 else (True,):
-                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, LAZY_RESCALE=lazy)
                     args = (mode, q, k, v, q_t, k_t, v_t, o if mode == kernel_module.MODE_TANGENT else None)
                     t0 = time.time()
 
@@ -255,7 +276,8 @@ def sweep_configs(shapes, dtype, rep_ms, fh):
                             msg += f" err {rel_l2(out, ref[0] if mode == kernel_module.MODE_PRIMAL else ref[1]):.1e}"
                     except Exception as e:
                         msg = f"failed {type(e).__name__}: {str(e)[:150]}"
-                    log(f"  sweep {name:20s} mode={mode} tma={int(use_tma)} {bm}x{bn} w{w} s{s}: {msg}", fh)
+                    tag = f"{bm}x{bn} w{w} s{s}{' lazy' if lazy else ''}"
+                    log(f"  sweep {name:20s} mode={mode} tma={int(use_tma)} {tag}: {msg}", fh)
         del q, k, v, q_t, k_t, v_t, o, lse, ref
         torch.cuda.empty_cache()
 
@@ -283,6 +305,7 @@ def load_published(path: str):
     spec = importlib.util.spec_from_file_location("published_rcm_attention", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.full_configs = list(module._attn_fwd.configs)  # its own autotune list, before any pinning
     return module
 
 
@@ -330,11 +353,16 @@ def write_outputs(rows, out_dir: Path, header: dict, command: str, csv_rows: boo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".", help="directory for attention_jvp_bench.{csv,md} and the log")
-    ap.add_argument("--published", default=None, help="path of the published rCM flash_attention_jvp_triton.py")
+    ap.add_argument(
+        "--published",
+        default=str(PUBLISHED_PATH) if PUBLISHED_PATH.exists() else None,
+        help=f"path of the published rCM flash_attention_jvp_triton.py (default: {PUBLISHED_PATH} if present)",
+    )
     ap.add_argument(
         "--published-configs",
         default=None,
-        help="pin the published kernel per case, 'case=BM,BN,WARPS,STAGES;...' (other cases skip it)",
+        help="pin the published kernel per case, 'case=BM,BN,WARPS,STAGES;case=auto;...' (auto: its own full "
+        "autotune; cases not named skip it)",
     )
     ap.add_argument("--check-cases", default=None, help="comma-separated indices into CHECK_SHAPES (default: all)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -361,11 +389,11 @@ def main() -> None:
     published = load_published(args.published) if args.published else None
     pins = None
     if args.published_configs:
-        pins = {
-            c.split("=")[0]: tuple(int(x) for x in c.split("=")[1].split(","))
-            for c in args.published_configs.split(";")
-        }
-        if published is not None and "self-4k-d128" in pins:  # the correctness check runs that shape
+        pins = {}
+        for item in args.published_configs.split(";"):
+            case, value = item.split("=")
+            pins[case] = value if value == "auto" else tuple(int(x) for x in value.split(","))
+        if published is not None and pins.get("self-4k-d128", "auto") != "auto":  # the correctness check runs it
             bm, bn, w, st = pins["self-4k-d128"]
             published._attn_fwd.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)]
     shapes = [s for s in BENCH_SHAPES if args.shapes is None or s[0] in args.shapes.split(",")]

@@ -7,6 +7,7 @@ each launch, so an element a kernel never writes fails. Without CUDA the kernels
 """
 
 import importlib
+import math
 import zlib
 
 import pytest
@@ -100,6 +101,33 @@ def test_fused_forward_jvp_matches_reference(gen, shape, D, dtype):
     check("o_t", o_t, same_o_t, ref_o_t)
     q, k = inputs[0].double(), inputs[1].double()
     ref_lse = torch.logsumexp(D**-0.5 * q @ k.transpose(-1, -2), dim=-1)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("growth", ["rising", "falling"])
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_fused_rescale_when_row_max_moves(gen, lazy, growth, dtype):
+    """Key norms ramp along the sequence: rising moves the running row max by far more than the fused kernel's
+    lazy-rescale threshold (2^8), so the lazy rescale branch runs on later blocks; falling puts the largest keys
+    first. Both rescale variants of the fused kernel, pinned to 32x32 tiles (several key blocks)."""
+    B, H, Nq, Nk, D = 1, 2, 40, 300, 32
+    q, k, v, q_t, k_t, v_t = make_inputs(gen, B, H, Nq, Nk, D, dtype)
+    ramp = torch.linspace(0.1, 5.0, Nk, device=DEVICE)
+    ramp = ramp if growth == "rising" else ramp.flip(0)
+    k = (k.float() * ramp[:, None]).to(dtype)
+    scores = D**-0.5 * q.double() @ k.double().transpose(-1, -2) / math.log(2)  # log2 units, as in the kernel
+    if growth == "rising":  # the row max over all keys exceeds the first 32 keys' by much more than 2^8
+        rise = (scores.amax(-1) - scores[..., :32].amax(-1)).max().item()
+        assert rise > 2 * kernel_module.RESCALE_THRESHOLD.value, f"row max rises by only {rise:.1f} (log2 units)"
+    config = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, LAZY_RESCALE=lazy)
+    fused = kernel_module.MODE_FUSED
+    o, o_t, lse = kernel_module._launch_fwd(fused, q, k, v, q_t, k_t, v_t, None, D**-0.5, None, config=config)
+    ref_o, ref_o_t = attention_jvp_ref(q, k, v, q_t, k_t, v_t)
+    same_o, same_o_t = attention_jvp_ref(q, k, v, q_t, k_t, v_t, upcast=False)
+    check("o", o, same_o, ref_o)
+    check("o_t", o_t, same_o_t, ref_o_t)
+    ref_lse = torch.logsumexp(D**-0.5 * q.double() @ k.double().transpose(-1, -2), dim=-1)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-2 if dtype != torch.float32 else 1e-5)
 
 
