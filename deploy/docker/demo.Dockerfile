@@ -1,5 +1,6 @@
-# CPU image that runs the 2-D rCM demo (`rcm demo`). The service, worker and GPU images arrive with the
-# deployment issue; this one only packages rcm_core. Build from the repository root:
+# CPU image that runs the 2-D rCM demo (`rcm demo`) of rcm_core alone, without the service: compose profile
+# `demo` (docker compose --profile demo run --rm demo). The service's images are api, ray and mlflow.Dockerfile.
+# Build from the repository root:
 #   docker build -f deploy/docker/demo.Dockerfile -t rcm-demo .
 FROM python:3.11-slim AS build
 WORKDIR /src

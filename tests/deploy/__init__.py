@@ -1,0 +1,1 @@
+"""Offline validation of the deployment files and the KubeRay backend (no Docker engine or cluster here)."""
