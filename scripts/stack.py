@@ -191,7 +191,10 @@ def up() -> dict[str, str]:
             "MLFLOW_S3_ENDPOINT_URL": env["S3_ENDPOINT_URL"],
             "AWS_ACCESS_KEY_ID": env["S3_ACCESS_KEY"],
             "AWS_SECRET_ACCESS_KEY": env["S3_SECRET_KEY"],
+            # jobs may name a prompt file by a path relative to this directory (data.prompt_file_uri)
+            "RCM_PROMPT_DIR": str(DATA / "prompts"),
         }
+        (DATA / "prompts").mkdir(parents=True, exist_ok=True)
         _spawn(
             "ray",
             [

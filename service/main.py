@@ -20,7 +20,12 @@ async def lifespan(app: FastAPI):
     run_migrations(settings.DATABASE_URL)
     app.state.sessionmaker = make_sessionmaker(make_engine(settings.DATABASE_URL))
     if not hasattr(app.state, "cluster"):  # tests may install their own backend first
-        app.state.cluster = RayCluster(settings)
+        if settings.CLUSTER_BACKEND == "kuberay":
+            from service.kuberay import KubeRayCluster  # imports the kubernetes client only when it is used
+
+            app.state.cluster = KubeRayCluster(settings)
+        else:
+            app.state.cluster = RayCluster(settings)
     reconciler = Reconciler(app.state.sessionmaker, app.state.cluster, settings.RECONCILE_INTERVAL_S)
     reconciler.start()
     yield

@@ -51,8 +51,32 @@ class StudentSpec(_Strict):
     init: Literal["teacher"] = "teacher"  # the student starts as a copy of the teacher
 
 
+TOY2D_DATASETS = ("ring8", "grid25")  # 2-D mixtures, MLP teacher, CPU only
+_PROMPT_PATH = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9._\-/]{1,512}$")  # relative, no ".."
+
+
 class DataSpec(_Strict):
-    dataset: Literal["ring8", "grid25"] = "ring8"  # built-in datasets
+    dataset: Literal["ring8", "grid25", "shapes"] = Field(
+        "ring8", description="built-in dataset: ring8 | grid25 (2-D mixtures) or shapes (text-to-image scenes)"
+    )
+    prompt_file_uri: str | None = Field(
+        None,
+        description="shapes only: captions to distill on, one per line; s3://bucket/key, or a path relative to "
+        "the prompt directory of the cluster's nodes (RCM_PROMPT_DIR)",
+    )
+
+    @field_validator("prompt_file_uri")
+    @classmethod
+    def _prompt_file_uri(cls, v: str | None) -> str | None:
+        if v is not None and not (_URI.match(v) and v.startswith("s3://") or _PROMPT_PATH.match(v)):
+            raise ValueError("must be s3://bucket/key or a relative path (no leading /, no ..)")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_file_needs_shapes(self) -> DataSpec:
+        if self.prompt_file_uri is not None and self.dataset != "shapes":
+            raise ValueError(f"prompt_file_uri is only valid with dataset 'shapes', not {self.dataset!r}")
+        return self
 
 
 class MethodSpec(_Strict):
@@ -77,11 +101,13 @@ class MethodSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    num_workers: int = Field(1, ge=1, le=1, description="Ray Train workers (multi-worker arrives with FSDP/CP)")
-    use_gpu: bool = False
-    fsdp_degree: int = Field(1, ge=1)
-    cp_degree: int = Field(1, ge=1)
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    num_workers: int = Field(
+        1, ge=1, le=256, description="Ray Train workers, one rank each (one GPU each with use_gpu)"
+    )
+    use_gpu: bool = Field(False, description="NCCL on one GPU per worker; the 2-D datasets run on CPU only")
+    fsdp_degree: int = Field(1, ge=1, description="workers splitting the batch; FSDP2 shards weights over all workers")
+    cp_degree: int = Field(1, ge=1, description="workers splitting each sample's tokens (Ulysses; DiT teachers only)")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field("none", description="per DiT block")
 
     @model_validator(mode="after")
     def _degrees(self) -> ResourcesSpec:
@@ -115,6 +141,27 @@ class JobCreate(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _resources_fit_the_task(self) -> JobCreate:
+        r = self.resources
+        if self.data.dataset in TOY2D_DATASETS:  # an MLP on CPU: no tokens to split, no blocks to checkpoint
+            unavailable = {"cp_degree": 1, "activation_checkpointing": "none", "use_gpu": False}
+            for name in (k for k, default in unavailable.items() if getattr(r, k) != default):
+                raise ValueError(
+                    f"resources.{name}={getattr(r, name)!r} is not available with data.dataset "
+                    f"{self.data.dataset!r} (an MLP teacher on CPU)"
+                )
+        elif self.teacher.uri == "builtin:toy2d":
+            raise ValueError(
+                f"teacher.uri builtin:toy2d is a 2-D teacher: data.dataset must be one of {TOY2D_DATASETS}"
+            )
+        if self.schedule.batch_size % r.fsdp_degree:
+            raise ValueError(
+                f"schedule.batch_size ({self.schedule.batch_size}) must be divisible by resources.fsdp_degree "
+                f"({r.fsdp_degree}): each of those workers takes an equal share of the batch"
+            )
+        return self
 
 
 class CheckpointPublic(BaseModel):

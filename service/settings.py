@@ -27,6 +27,16 @@ class Settings(BaseSettings):
     MAX_BODY_BYTES: int = 256 * 1024  # larger request bodies get 413
     RECONCILE_INTERVAL_S: float = 1.0  # how often stored job state is synced with Ray and MLflow
     WORKER_ENTRYPOINT: str = "python -m workers.entrypoint"
+    # Where jobs run: "ray-jobs" submits to one Ray cluster's Jobs API, "kuberay" creates a RayJob per job.
+    CLUSTER_BACKEND: Literal["ray-jobs", "kuberay"] = "ray-jobs"
+    KUBERAY_NAMESPACE: str = "rcm"  # namespace of the RayJobs (the control plane's own; RBAC is namespaced)
+    KUBERAY_IMAGE: str = "rcm-ray:0.1.0"  # image of every Ray pod (deploy/docker/ray.Dockerfile)
+    KUBERAY_S3_SECRET: str = "rcm-s3"  # Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the Ray pods
+    KUBERAY_GPUS_PER_POD: int = 8  # at most this many GPU workers share a Ray worker pod (GPUs per node)
+    KUBERAY_CPUS_PER_WORKER: int = 8  # CPU cores per Ray Train worker
+    KUBERAY_MEMORY_GI_PER_WORKER: int = 64  # GiB of memory per Ray Train worker
+    KUBERAY_ACTIVE_DEADLINE_S: int = 7 * 24 * 3600  # a job's time limit unless its spec sets one
+    KUBERAY_CANCEL_POLICY: Literal["delete", "suspend"] = "delete"  # what stops a RayJob after the grace period
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

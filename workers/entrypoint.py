@@ -1,7 +1,9 @@
-"""What a Ray job runs (`python -m workers.entrypoint`): resolve the teacher, run the trainer, report.
+"""What a Ray job runs (`python -m workers.entrypoint`): check the inputs, resolve the teacher, run the trainer.
 
-Errors a user can fix (unreadable or malformed teacher, invalid spec) end the job with one readable
-line on stderr and exit status 1; Ray puts the tail of the log into the job's failure message.
+Errors a user can fix (unreadable or malformed teacher or prompt file, invalid spec) end the job with one
+readable line on stderr and exit status 1, before any Ray Train worker starts (a failure inside the workers
+would be retried FailureConfig.max_failures times first); Ray puts the tail of the log into the job's failure
+message.
 """
 
 from __future__ import annotations
@@ -14,6 +16,34 @@ from pathlib import Path
 
 from rcm_core.config import ConfigError
 from workers import storage
+
+
+def check_inputs(spec: dict) -> None:
+    """Read and parse the prompt file, and convert the spec to rcm_core's configs, as the workers will.
+
+    Raises:
+        ConfigError, storage.PromptFileUnavailable: with a message for the user.
+    """
+    from workers.spec import distill_config_from_spec, parallel_config_from_spec
+
+    uri = spec["data"].get("prompt_file_uri")
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = None
+        if uri:
+            from rcm_core.data.shapes import load_prompt_file
+
+            prompt_file = storage.fetch_prompt_file(uri, Path(tmp) / "prompts.txt")
+            try:
+                load_prompt_file(prompt_file)
+            except ValueError as exc:  # names the line; show the user's URI, not the local copy's path
+                raise ConfigError(str(exc).replace(str(prompt_file), uri)) from None
+        distill_config_from_spec(
+            spec,
+            output_dir=str(Path(tmp) / "run"),
+            teacher_path=None,
+            prompt_file=None if prompt_file is None else str(prompt_file),
+        )
+        parallel_config_from_spec(spec)
 
 
 def resolve_teacher(job_id: str, spec: dict) -> str:
@@ -66,8 +96,9 @@ def main() -> int:
     job_id = os.environ["RCM_JOB_ID"]
     spec = json.loads(os.environ["RCM_JOB_SPEC"])
     try:
+        check_inputs(spec)
         teacher_uri = resolve_teacher(job_id, spec)
-    except (ConfigError, storage.TeacherUnavailable) as exc:
+    except (ConfigError, storage.TeacherUnavailable, storage.PromptFileUnavailable) as exc:
         print(f"rcm-worker: error: {exc}", file=sys.stderr, flush=True)
         return 1
     from workers.launch import build_trainer

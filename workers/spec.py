@@ -1,18 +1,28 @@
-"""The job spec (JSON, validated by the service) -> rcm_core's DistillConfig, in one place."""
+"""The job spec (JSON, validated by the service) -> rcm_core's DistillConfig and ParallelConfig, in one place."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rcm_core.config import DistillConfig, config_from_dict
+from rcm_core.config import ConfigError, DistillConfig, config_from_dict
+from rcm_core.parallel.parallel_dims import ParallelConfig
 
 
-def distill_config_from_spec(spec: dict[str, Any], *, output_dir: str, teacher_path: str | None) -> DistillConfig:
-    """Map the service's JobCreate dict onto DistillConfig (raises rcm_core.config.ConfigError when invalid)."""
+def distill_config_from_spec(
+    spec: dict[str, Any], *, output_dir: str, teacher_path: str | None, prompt_file: str | None = None
+) -> DistillConfig:
+    """Map the service's JobCreate dict onto DistillConfig (raises rcm_core.config.ConfigError when invalid).
+
+    Args:
+        prompt_file: local copy of the spec's data.prompt_file_uri (the worker downloads it), or None.
+    """
     m, s, t = spec["method"], spec["schedule"], spec["teacher"]
+    data: dict[str, Any] = {"dataset": spec["data"]["dataset"]}
+    if prompt_file is not None:
+        data["prompt_file"] = prompt_file
     return config_from_dict(
         {
-            "data": {"dataset": spec["data"]["dataset"]},
+            "data": data,
             "teacher": {
                 "path": teacher_path,
                 "parameterization": t["parameterization"],
@@ -43,3 +53,17 @@ def distill_config_from_spec(spec: dict[str, Any], *, output_dir: str, teacher_p
             },
         }
     )
+
+
+def parallel_config_from_spec(spec: dict[str, Any]) -> ParallelConfig:
+    """resources -> ParallelConfig: fsdp_degree ranks split the batch (FSDP2 shards the weights over all of them
+    and the cp_degree ranks alike), cp_degree ranks split each sample's tokens."""
+    r = spec["resources"]
+    try:
+        return ParallelConfig(
+            dp_shard_degree=r["fsdp_degree"],
+            cp_degree=r["cp_degree"],
+            activation_checkpoint=r["activation_checkpointing"],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"resources: {exc}") from None

@@ -1,4 +1,4 @@
-"""S3 access for workers: teacher download, cancel marker, exports. Endpoint and keys come from the env."""
+"""S3 access for workers: teacher and prompt-file downloads, cancel marker, exports. Endpoint and keys: the env."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 class TeacherUnavailable(RuntimeError):
     """The teacher URI cannot be read; the message is shown to the user as the failure reason."""
+
+
+class PromptFileUnavailable(RuntimeError):
+    """The prompt file cannot be read; the message is shown to the user as the failure reason."""
 
 
 def s3_client():
@@ -36,6 +40,36 @@ def download(uri: str, dest: Path) -> Path:
     except (ClientError, BotoCoreError) as exc:
         raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({exc})") from None
     return dest
+
+
+def fetch_prompt_file(uri: str, dest: Path) -> Path:
+    """The job's prompt file as a local file: an s3:// object is downloaded to `dest`; a relative path names a
+    file under the directory in RCM_PROMPT_DIR on the worker nodes, used in place.
+
+    NOTE: never an arbitrary local path: a parse error quotes the offending line, so a path like
+    /proc/self/environ would put the workers' environment (S3 keys included) into the job's failure reason.
+    """
+    if uri.startswith("s3://"):
+        bucket, key = split_uri(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            s3_client().download_file(bucket, key, str(dest))
+        except (ClientError, BotoCoreError) as exc:
+            raise PromptFileUnavailable(f"data.prompt_file_uri {uri}: cannot read it ({exc})") from None
+        return dest
+    root = os.environ.get("RCM_PROMPT_DIR")
+    if not root:
+        raise PromptFileUnavailable(
+            f"data.prompt_file_uri {uri}: local prompt files are not enabled on this cluster "
+            "(RCM_PROMPT_DIR is not set on its nodes); upload the file and pass s3://bucket/key"
+        )
+    base = Path(root).resolve()
+    path = (base / uri).resolve()
+    if not path.is_relative_to(base):
+        raise PromptFileUnavailable(f"data.prompt_file_uri {uri}: outside the cluster's prompt directory")
+    if not path.is_file():
+        raise PromptFileUnavailable(f"data.prompt_file_uri {uri}: no such file in the cluster's prompt directory")
+    return path
 
 
 def upload(path: Path, uri: str) -> None:

@@ -1,12 +1,16 @@
-"""`train_loop_per_worker`: the rCM loop on one Ray Train worker.
+"""`train_loop_per_worker`: the rCM loop on one Ray Train worker (rank) of N.
 
-Checkpoints: every rank saves its DCP shard into a temp dir (manifest.json written last) and calls
-`ray.train.report(metrics, checkpoint=...)`; Ray persists it to S3 under ray/<job id>/ and hands the
-latest back through `ray.train.get_checkpoint()` after a worker failure. Rank 0 logs to MLflow.
+Checkpoints: every rank saves its DCP shard into a temp dir (rank 0 adds manifest.json last) and calls
+`ray.train.report(metrics, checkpoint=...)`; Ray merges the shards into one checkpoint under ray/<job id>/ on S3
+and hands the latest back through `ray.train.get_checkpoint()` after a worker failure. With N workers the
+networks are sharded (workers/distributed.py) and every collective is entered by all ranks in the same order:
+rank 0 alone reads the cancel marker and broadcasts its answer, and logs to MLflow, evaluates and exports from
+unsharded copies gathered from all ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -16,11 +20,15 @@ from typing import Any
 
 import ray.train
 import torch
+from torch import nn
 
 from rcm_core import pipeline
 from rcm_core.checkpoint import load_checkpoint, save_checkpoint
-from workers import storage
-from workers.spec import distill_config_from_spec
+from rcm_core.config import ConfigError
+from rcm_core.distill import Distiller
+from rcm_core.models.flow import FlowModel
+from workers import distributed, storage
+from workers.spec import distill_config_from_spec, parallel_config_from_spec
 from workers.tracking import RunLogger
 
 
@@ -40,16 +48,59 @@ def _report_checkpoint(distiller, metrics: dict[str, float], recovery_count: int
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
 
 
+def _build(config: dict[str, Any], workdir: Path) -> tuple[Any, nn.Module, Distiller, torch.device]:
+    """Download the teacher (and prompt file), build the config and the Distiller, sharded over the workers.
+
+    Returns:
+        (DistillConfig, the unsharded teacher network, Distiller, this rank's device)
+    """
+    spec = config["spec"]
+    teacher_path = storage.download(config["teacher_uri"], workdir / "teacher.safetensors")
+    prompt_uri = spec["data"].get("prompt_file_uri")
+    prompt_file = storage.fetch_prompt_file(prompt_uri, workdir / "prompts.txt") if prompt_uri else None
+    cfg = distill_config_from_spec(
+        spec,
+        output_dir=str(workdir / "run"),
+        teacher_path=str(teacher_path),
+        prompt_file=None if prompt_file is None else str(prompt_file),
+    )
+    pconfig = parallel_config_from_spec(spec)
+    device = distributed.training_device(spec["resources"]["use_gpu"])
+    torch.manual_seed(cfg.train.seed)
+    teacher_net, meta, _ = pipeline.get_teacher(cfg)
+    dims = distributed.build_parallel_dims(pconfig, device)
+    copy_net = distributed.net_copy_fn(teacher_net, dims=dims, config=pconfig, device=device)
+    if copy_net is None:
+        distiller = pipeline.build_distiller(cfg, teacher_net, meta)
+    else:
+        distiller = _sharded_distiller(cfg, teacher_net, meta, copy_net, device)
+    return cfg, teacher_net, distiller, device
+
+
+def _sharded_distiller(cfg, teacher_net: nn.Module, meta: dict, copy_net, device: torch.device) -> Distiller:
+    """pipeline.build_distiller with sharded networks (`copy_net`) and the generator on `device`.
+
+    TODO(lead): a copy_net/device pass-through in rcm_core.pipeline.build_distiller would replace this and cover
+    every task; until then multi-worker jobs run the 2-D task only.
+    """
+    from rcm_core.data.toy2d import Toy2DTask
+
+    if meta.get("task") != "toy2d":
+        raise ConfigError(
+            f"resources.num_workers > 1 is supported for the 2-D task only so far, not {meta.get('task')!r}"
+        )
+    task = Toy2DTask(dataclasses.replace(cfg.data, **meta["data"]))
+    return Distiller(
+        cfg, teacher_net, task, parameterization=meta["parameterization"], copy_net=copy_net, device=device
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job_id, spec = config["job_id"], config["spec"]
     workdir = Path(tempfile.mkdtemp(prefix=f"rcm-{job_id[:8]}-"))
-    teacher_path = storage.download(config["teacher_uri"], workdir / "teacher.safetensors")
-    cfg = distill_config_from_spec(spec, output_dir=str(workdir / "run"), teacher_path=str(teacher_path))
-    torch.manual_seed(cfg.train.seed)
-    teacher_net, meta, _ = pipeline.get_teacher(cfg)
-    distiller = pipeline.build_distiller(cfg, teacher_net, meta)
+    cfg, teacher_net, distiller, device = _build(config, workdir)
     recovery_count = _resume(distiller)
-    rank0 = ray.train.get_context().get_world_rank() == 0
+    rank0 = distributed.rank() == 0
     log = RunLogger(os.environ.get("RCM_MLFLOW_RUN_ID") if rank0 else None)
     if distiller.step == 0:
         log.params({"job_id": job_id, **_flatten(spec)})
@@ -62,17 +113,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cancel = False
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rate = (step - first) / max(time.perf_counter() - start, 1e-9)
-            log.metrics({**metrics, **_system_metrics(), "step": step, "steps_per_second": rate}, step=step)
-            cancel = storage.cancel_requested(job_id)
-        if rank0 and step % spec["schedule"]["eval_every"] == 0 and step < cfg.train.steps:
-            _evaluate(distiller, cfg, log, workdir)
+            if rank0:
+                log.metrics({**metrics, **_system_metrics(), "step": step, "steps_per_second": rate}, step=step)
+            # every rank must leave the loop at the same step: rank 0 reads the marker, the others follow it
+            cancel = distributed.rank0_decides(rank0 and storage.cancel_requested(job_id), device)
+        if step % spec["schedule"]["eval_every"] == 0 and step < cfg.train.steps:
+            _evaluate(distiller, teacher_net, log, workdir)
         if cancel or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count)
         if cancel:
             log.metrics({"cancelled": 1.0}, step=step)
             return
-    if rank0:
-        _export(distiller, cfg, job_id, log)
+    _export(distiller, teacher_net, cfg, job_id, log)
 
 
 def _system_metrics() -> dict[str, float]:
@@ -85,11 +137,20 @@ def _system_metrics() -> dict[str, float]:
     return out
 
 
-def _evaluate(distiller, cfg, log: RunLogger, workdir: Path) -> None:
-    """Periodic evaluation of the EMA student: metrics at 1 and 4 steps, and a sample grid."""
+def _ema_student(distiller: Distiller, teacher_net: nn.Module) -> FlowModel | None:
+    """The EMA student, unsharded, on rank 0 (None elsewhere); all ranks must call it."""
+    net = distributed.full_copy(distiller.ema.model.net, teacher_net)
+    return None if net is None else FlowModel(net, distiller.student.parameterization).eval()
+
+
+def _evaluate(distiller: Distiller, teacher_net: nn.Module, log: RunLogger, workdir: Path) -> None:
+    """Periodic evaluation of the EMA student on rank 0: metrics at 1 and 4 steps, and a sample grid."""
     from rcm_core.eval.toy2d import scatter_grid
 
-    entries = [pipeline.student_entry("student (EMA)", distiller.ema.model, distiller.task, [1, 4], 0)]
+    ema = _ema_student(distiller, teacher_net)
+    if ema is None:
+        return
+    entries = [pipeline.student_entry("student (EMA)", ema, distiller.task, [1, 4], 0)]
     rows, samples = pipeline.evaluate_rows(entries, distiller.task, 1000, 0)
     step = distiller.step
     log.metrics(
@@ -100,15 +161,18 @@ def _evaluate(distiller, cfg, log: RunLogger, workdir: Path) -> None:
     log.artifact(grid, "samples")
 
 
-def _export(distiller, cfg, job_id: str, log: RunLogger) -> None:
-    """Student (EMA) weights + config + evaluation report + sample grid, to S3 and MLflow."""
+def _export(distiller: Distiller, teacher_net: nn.Module, cfg, job_id: str, log: RunLogger) -> None:
+    """Rank 0: student (EMA) weights + config + evaluation report + sample grid, to S3 and MLflow."""
     from safetensors.torch import save_file
 
     from rcm_core.eval.toy2d import scatter_grid
 
+    ema = _ema_student(distiller, teacher_net)
+    if ema is None:
+        return
     out = Path(cfg.train.output_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in distiller.ema.model.net.state_dict().items()}
+    state = {k: v.contiguous() for k, v in ema.net.state_dict().items()}
     save_file(state, str(out / "student.safetensors"))
     (out / "config.json").write_text(
         json.dumps(
@@ -120,9 +184,10 @@ def _export(distiller, cfg, job_id: str, log: RunLogger) -> None:
             indent=2,
         )
     )
+    teacher = FlowModel(teacher_net, distiller.teacher.parameterization).eval()
     entries = [
-        pipeline.teacher_entry(distiller.teacher, distiller.task, cfg.teacher.guidance_scale, [1, 4, 32], 0),
-        pipeline.student_entry("student (EMA)", distiller.ema.model, distiller.task, [1, 2, 4], 0),
+        pipeline.teacher_entry(teacher, distiller.task, cfg.teacher.guidance_scale, [1, 4, 32], 0),
+        pipeline.student_entry("student (EMA)", ema, distiller.task, [1, 2, 4], 0),
     ]
     rows, samples = pipeline.evaluate_rows(entries, distiller.task, 2000, 0)
     (out / "report.json").write_text(json.dumps({"rows": rows, "step": distiller.step}, indent=2))

@@ -153,6 +153,58 @@ def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
     assert expected in done["failure_reason"] and uri in done["failure_reason"]
 
 
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://ckpt/prompts/bad.txt", "prompt file s3://ckpt/prompts/bad.txt, line 3: "),
+        ("s3://ckpt/prompts/missing.txt", "cannot read it"),
+        ("nowhere/missing.txt", "no such file in the cluster's prompt directory"),
+    ],
+)
+def test_malformed_or_missing_prompt_file_fails_with_a_reason(stack, uri, expected):
+    bad = b"# two good captions, then one outside the grammar\na photo of a red circle\na photo of a dragon\n"
+    stack["s3"].put_object(Bucket="ckpt", Key="prompts/bad.txt", Body=bad)
+    tok = stack["tokens"]["a"]
+    spec = {**_spec("e2e-bad-prompts", 10), "data": {"dataset": "shapes", "prompt_file_uri": uri}}
+    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
+    assert r.status_code == 202, r.text
+    done = _wait(tok, r.json()["id"], lambda j: j["state"] == "FAILED", timeout=120)
+    assert expected in done["failure_reason"], done["failure_reason"]
+
+
+def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):
+    tok = stack["tokens"]["a"]
+    spec = {
+        **_spec("e2e-2workers", 20, checkpoint_every=10, eval_every=10),
+        "resources": {"num_workers": 2, "fsdp_degree": 2},
+    }
+    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
+    assert r.status_code == 202, r.text
+    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED", timeout=300)
+    assert job["step"] == 20 and "loss" in job["metrics"]
+    run_id, run = _mlflow_run(job)
+    assert run["info"]["status"] == "FINISHED"
+    assert {"loss", "dmd_loss", "eval/1step/mode_coverage"} <= {m["key"] for m in run["data"]["metrics"]}
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["resources.num_workers"] == "2" and params["resources.fsdp_degree"] == "2"
+    steps = [m["step"] for m in _metric_history(run_id, "loss")]
+    assert steps == sorted(set(steps)), steps  # one logger (rank 0): every step logged once
+    ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
+    assert [c["step"] for c in ckpts] == [10, 20]
+    keys = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=f"ray/{job['id']}/")["Contents"]]
+    for c in ckpts:  # one DCP shard per rank, merged by Ray into one checkpoint, manifest written by rank 0
+        prefix = c["uri"].removeprefix("s3://ckpt/") + "/"
+        inside = [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
+        assert sum(k.endswith(".distcp") for k in inside) == 2 and "manifest.json" in inside, inside
+    exported = stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=f"jobs/{job['id']}/export/")["Contents"]
+    assert {"student.safetensors", "report.json", "config.json"} <= {o["Key"].rsplit("/", 1)[1] for o in exported}
+
+
+def _metric_history(run_id, key):
+    url = "http://127.0.0.1:5000/api/2.0/mlflow/metrics/get-history"
+    return httpx.get(url, params={"run_id": run_id, "metric_key": key}).json()["metrics"]
+
+
 def test_cancel_job_ends_cancelled_with_a_final_checkpoint(stack):
     tok = stack["tokens"]["a"]
     job = httpx.post(

@@ -7,55 +7,9 @@ from fastapi.testclient import TestClient
 
 from service.cluster import ClusterJobStatus
 from service.reconciler import reconcile_once
+from tests.service.fakes import FakeCluster
 
 SPEC = {"name": "unit", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
-
-
-class FakeCluster:
-    """Records calls; Ray job status and MLflow progress are set by the test."""
-
-    def __init__(self):
-        self.submitted, self.cancelled, self.stopped = [], [], []
-        self.ray_status: dict[str, ClusterJobStatus] = {}
-        self.progress: dict[str, dict[str, float]] = {}
-        self.run_statuses: dict[str, str] = {}
-        self.fail_submit = False
-
-    def create_run(self, experiment, job_id, name):
-        return f"run-{job_id}"
-
-    def submit(self, job_id, spec, run_id):
-        if self.fail_submit:
-            import httpx
-
-            raise httpx.ConnectError("ray down")
-        self.submitted.append(job_id)
-        self.ray_status[f"rcm-{job_id}"] = ClusterJobStatus("PENDING")
-        return f"rcm-{job_id}"
-
-    def status(self, submission_id):
-        return self.ray_status[submission_id]
-
-    def request_cancel(self, job_id):
-        self.cancelled.append(job_id)
-
-    def stop(self, submission_id):
-        self.stopped.append(submission_id)
-
-    def run_progress(self, run_id):
-        return self.progress.get(run_id, {})
-
-    def set_run_status(self, run_id, status):
-        self.run_statuses[run_id] = status
-
-    def run_url(self, run_id):
-        return f"http://mlflow/#/runs/{run_id}"
-
-    def checkpoints(self, job_id):
-        return [{"step": 50, "uri": f"s3://ckpt/ray/{job_id}/checkpoint_1"}]
-
-    def healthy(self):
-        return {"ray": True, "mlflow": True, "s3": True}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +69,8 @@ def test_create_job_returns_202_with_location(app_and_tokens):
         ({"method": {"dmd_wieght": 1}}, ["body", "method", "dmd_wieght"]),
         ({"schedule": {"steps": 0}}, ["body", "schedule", "steps"]),
         ({"resources": {"num_workers": 1, "cp_degree": 2}}, ["body", "resources"]),
+        ({"resources": {"num_workers": 4, "fsdp_degree": 2}}, ["body", "resources"]),
+        ({"resources": {"num_workers": 0}}, ["body", "resources", "num_workers"]),
         ({"name": ""}, ["body", "name"]),
     ],
 )
@@ -125,6 +81,56 @@ def test_create_job_invalid_spec_422_names_the_field(app_and_tokens, patch, loc)
     assert r.status_code == 422
     assert any(e["loc"][: len(loc)] == loc for e in r.json()["detail"]), r.json()
     assert client.get("/v1/jobs", headers=_h(tokens["a"])).json()["data"] == before  # nothing lost or added
+
+
+SHAPES = {"dataset": "shapes"}
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc", "words"),
+    [
+        # parallel degrees: their product is the worker count; the batch splits evenly over fsdp_degree workers
+        ({"resources": {"num_workers": 2}}, ["body", "resources"], ["fsdp_degree (1)", "cp_degree (1)", "(2)"]),
+        (
+            {"resources": {"num_workers": 2, "fsdp_degree": 2}, "schedule": {"steps": 10, "batch_size": 63}},
+            ["body"],
+            ["schedule.batch_size (63)", "resources.fsdp_degree (2)"],
+        ),
+        # the 2-D datasets train an MLP on CPU: no context parallelism, activation checkpointing or GPU
+        ({"resources": {"num_workers": 2, "cp_degree": 2}}, ["body"], ["resources.cp_degree=2", "'ring8'"]),
+        ({"resources": {"activation_checkpointing": "full"}}, ["body"], ["resources.activation_checkpointing"]),
+        ({"resources": {"use_gpu": True}}, ["body"], ["resources.use_gpu=True"]),
+        # prompt files: shapes only, an S3 object or a path inside the nodes' prompt directory
+        ({"data": {"dataset": "ring8", "prompt_file_uri": "s3://ckpt/p.txt"}}, ["body", "data"], ["'shapes'"]),
+        ({"data": {**SHAPES, "prompt_file_uri": "/proc/self/environ"}}, ["body", "data", "prompt_file_uri"], []),
+        ({"data": {**SHAPES, "prompt_file_uri": "ok/../../x.txt"}}, ["body", "data", "prompt_file_uri"], []),
+        ({"data": {**SHAPES, "prompt_file_uri": "http://x/p.txt"}}, ["body", "data", "prompt_file_uri"], []),
+        ({"data": SHAPES, "teacher": {"uri": "builtin:toy2d"}}, ["body"], ["builtin:toy2d", "data.dataset"]),
+    ],
+)
+def test_create_job_resources_and_data_422_name_the_fields(app_and_tokens, patch, loc, words):
+    client, tokens, _, _ = app_and_tokens
+    r = client.post("/v1/jobs", json={**SPEC, **patch}, headers=_h(tokens["a"]))
+    assert r.status_code == 422
+    errors = [e for e in r.json()["detail"] if e["loc"] == loc]
+    assert errors and all(w in errors[0]["msg"] for w in words), r.json()
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"resources": {"num_workers": 2, "fsdp_degree": 2}},
+        {"resources": {"num_workers": 4, "fsdp_degree": 4}, "schedule": {"steps": 10, "batch_size": 64}},
+        {"data": {**SHAPES, "prompt_file_uri": "s3://ckpt/prompts/geneval.txt"}},
+        {"data": {**SHAPES, "prompt_file_uri": "geneval/colors.txt"}},
+        {"data": SHAPES, "resources": {"num_workers": 4, "fsdp_degree": 2, "cp_degree": 2, "use_gpu": True}},
+    ],
+)
+def test_create_job_accepts_multi_worker_and_prompt_files(app_and_tokens, patch):
+    client, tokens, _, _ = app_and_tokens
+    r = client.post("/v1/jobs", json={**SPEC, **patch}, headers=_h(tokens["a"]))
+    assert r.status_code == 202, r.json()
+    assert r.json()["spec"]["resources"] | patch.get("resources", {}) == r.json()["spec"]["resources"]
 
 
 def test_create_job_idempotency_key(app_and_tokens):
