@@ -59,7 +59,10 @@ def cmd_distill(args) -> int:
     start = time.perf_counter()
     distiller = pipeline.distill(cfg, resume=not args.no_resume, reporter=print_reporter)
     print(f"[distill] done: {distiller.step} steps in {time.perf_counter() - start:.0f}s -> {cfg.train.output_dir}")
-    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval", teacher_steps=[1, 4, 32])
+    if args.no_eval:
+        return 0
+    teacher_steps = cfg.eval.teacher_steps if cfg.task == "shapes" else [1, 4, 32]
+    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval", teacher_steps=teacher_steps)
     print(_table(rows))
     return 0
 
@@ -97,7 +100,10 @@ def _train_shapes_teacher(args) -> int:
     )
     if not args.no_eval:
         record["eval"] = evaluate_shapes(
-            net, samples_per_prompt=4, num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale
+            net,
+            samples_per_prompt=cfg.eval_samples_per_prompt,
+            num_steps=cfg.sample_steps,
+            guidance_scale=cfg.guidance_scale,
         )
         print(json.dumps({"geneval_style_score": record["eval"]}, indent=2))
     save_shapes_teacher(net, out, cfg, record)
@@ -142,6 +148,9 @@ def cmd_sample(args) -> int:
 
 def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_steps: list[int]) -> list[dict]:
     from rcm_core import pipeline
+
+    if cfg.task == "shapes":
+        return _eval_shapes_checkpoint(distiller, cfg, out_dir, teacher_steps=teacher_steps)
     from rcm_core.eval.toy2d import save_report, scatter_grid
 
     task, n, seed = distiller.task, cfg.eval.num_samples, cfg.train.seed + 1000
@@ -152,6 +161,23 @@ def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_st
     rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
     report = save_report(rows, out_dir, extra={"step": distiller.step, "config": dataclasses.asdict(cfg)})
     grid = scatter_grid(list(samples.items()), out_dir / "samples.png")
+    print(f"[eval] report -> {report}, grid -> {grid}")
+    return rows
+
+
+def _eval_shapes_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_steps: list[int]) -> list[dict]:
+    from rcm_core.eval import shapes as ev
+
+    w = cfg.teacher.guidance_scale
+    entries = [
+        (f"teacher (Euler, CFG {w:g})", ev.teacher_sampler(distiller.teacher, w), teacher_steps),
+        ("student (EMA)", ev.student_sampler(distiller.ema.model), cfg.eval.student_steps),
+    ]
+    rows, images = ev.evaluate(
+        entries, num_samples=cfg.eval.num_samples, diversity_k=cfg.eval.diversity_samples, seed=cfg.train.seed + 1000
+    )
+    report = ev.save_report(rows, out_dir, extra={"step": distiller.step, "config": dataclasses.asdict(cfg)})
+    grid = ev.image_grid(images, out_dir / "samples.png")
     print(f"[eval] report -> {report}, grid -> {grid}")
     return rows
 
@@ -168,6 +194,10 @@ def cmd_eval(args) -> int:
 
 
 def _table(rows: list[dict]) -> str:
+    if rows and "overall" in rows[0]:
+        from rcm_core.eval.shapes import format_table as shapes_table
+
+        return shapes_table(rows)
     from rcm_core.eval.toy2d import format_table
 
     return format_table(rows)
@@ -188,6 +218,27 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.task == "shapes":
+        from rcm_core.benchmarks.shapes import run_shapes_benchmark
+
+        if not args.run:
+            raise ConfigError("bench shapes: give the students' run directories with --run NAME=DIR (one or more)")
+        runs = {}
+        for item in args.run:
+            name, sep, path = item.partition("=")
+            if not sep or not Path(path).is_dir():
+                raise ConfigError(f"--run {item}: expected NAME=DIR with an existing run directory")
+            runs[name] = Path(path)
+        table, files = run_shapes_benchmark(
+            runs,
+            Path(args.out),
+            num_samples=args.num_samples,
+            diversity_k=args.diversity_samples,
+            teacher_steps=args.teacher_steps,
+        )
+        print(table)
+        print("[bench] saved " + ", ".join(map(str, files)))
+        return 0
     from rcm_core.benchmarks.toy2d import run_toy2d_benchmark
 
     table, files = run_toy2d_benchmark(Path(args.out), overrides=args.set or [], reporter=print_reporter)
@@ -217,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distill a student from a YAML config")
     add_config(d, required=True)
     d.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
+    d.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("teacher", help="teacher commands")
@@ -248,9 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--set", action="append", metavar="KEY=VALUE")
     m.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="full 2-D table: teacher vs sCM / DMD / rCM students")
-    b.add_argument("task", choices=["toy2d"])
-    b.add_argument("--out", default="runs/bench-toy2d")
+    b = sub.add_parser("bench", help="benchmark tables: teacher vs sCM / DMD / rCM students (toy2d or shapes)")
+    b.add_argument("task", choices=["toy2d", "shapes"])
+    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--run", action="append", metavar="NAME=DIR", help="shapes: a distilled student's run directory")
+    b.add_argument("--num-samples", type=int, default=1008, help="shapes: images per row (126 prompts x 8)")
+    b.add_argument("--diversity-samples", type=int, default=32, help="shapes: samples per diversity prompt")
+    b.add_argument(
+        "--teacher-steps", type=lambda v: [int(x) for x in v.split(",")], default=[50, 4], help="shapes: e.g. 50,4"
+    )
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every student run")
     b.set_defaults(func=cmd_bench)
     return p

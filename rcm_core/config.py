@@ -25,13 +25,20 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True)
-class Toy2DDataConfig:
-    dataset: Literal["ring8", "grid25"] = "ring8"  # which mixture of Gaussians
-    mode_std: float = 0.05  # std of each Gaussian, in data units (data is scaled to about unit variance)
+class DataConfig:
+    # ring8 / grid25: 2-D mixtures of Gaussians (MLP teacher); shapes: the built-in text-to-image task
+    dataset: Literal["ring8", "grid25", "shapes"] = "ring8"
+    mode_std: float = 0.05  # 2-D only: std of each Gaussian, in data units (data is scaled to about unit variance)
+    prompt_file: str | None = None  # shapes only: draw captions from this file (one per line) instead of the grammar
+    pool_size: int = 0  # shapes on a GPU: pre-render this many scenes (0 = render every batch on the CPU)
 
     def __post_init__(self) -> None:
         if not self.mode_std > 0:
             raise ValueError(f"mode_std must be > 0, got {self.mode_std}")
+        if self.prompt_file is not None and self.dataset != "shapes":
+            raise ValueError("prompt_file is only valid with dataset 'shapes'")
+        if self.pool_size < 0:
+            raise ValueError(f"pool_size must be >= 0, got {self.pool_size}")
 
 
 @dataclass(kw_only=True)
@@ -119,10 +126,14 @@ class TrainConfig:
     log_every: int = 100  # steps between progress lines
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
     output_dir: str = "runs/toy2d-rcm"  # checkpoints, reports and plots go here
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available (shapes; 2-D runs on the CPU)
+    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) once training has run this long
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.log_every < 1 or self.checkpoint_every < 0:
             raise ValueError("steps, batch_size, log_every must be >= 1 and checkpoint_every >= 0")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
 
 
 @dataclass(kw_only=True)
@@ -130,6 +141,7 @@ class EvalConfig:
     num_samples: int = 4000  # samples per evaluated sampler
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # student sampling steps
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 32])  # teacher Euler steps
+    diversity_samples: int = 32  # shapes: samples per diversity prompt
 
     def __post_init__(self) -> None:
         if self.num_samples < 10 or not self.student_steps or min(self.student_steps + self.teacher_steps) < 1:
@@ -138,14 +150,18 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    task: Literal["toy2d"] = "toy2d"  # the built-in task
-    data: Toy2DDataConfig = field(default_factory=Toy2DDataConfig)
-    model: MLPConfig = field(default_factory=MLPConfig)
+    task: Literal["toy2d", "shapes"] = "toy2d"  # the built-in task (shapes: text-to-image, data.dataset = shapes)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: MLPConfig = field(default_factory=MLPConfig)  # 2-D only; a shapes student copies its teacher's network
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if (self.task == "shapes") != (self.data.dataset == "shapes"):
+            raise ValueError(f"task {self.task!r} does not match data.dataset {self.data.dataset!r}")
 
 
 # --------------------------------------------------------------------------------------------------- presets
@@ -166,7 +182,40 @@ def toy2d_dmd() -> DistillConfig:
     return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, scm_weight=0.0, dmd_weight=1.0))
 
 
-PRESETS = {"toy2d-rcm": toy2d_rcm, "toy2d-scm": toy2d_scm, "toy2d-dmd": toy2d_dmd}
+def shapes_rcm() -> DistillConfig:
+    """rCM of the built-in shapes teacher (text-to-image, CFG distilled): the short CPU schedule of the demo.
+
+    The documented longer schedule (README) overrides train.steps / batch_size and runs on a GPU.
+    """
+    return DistillConfig(
+        task="shapes",
+        data=DataConfig(dataset="shapes"),
+        teacher=TeacherConfig(guidance_scale=2.0),
+        loss=LossConfig(tangent_warmup_steps=100, critic_ratio=2),
+        optim=OptimConfig(lr=1e-4, fake_lr=2e-4),
+        train=TrainConfig(steps=30, batch_size=8, log_every=5, checkpoint_every=10, output_dir="runs/shapes-rcm"),
+        eval=EvalConfig(num_samples=126, student_steps=[1, 2, 4], teacher_steps=[4], diversity_samples=8),
+    )
+
+
+def shapes_scm() -> DistillConfig:
+    cfg = shapes_rcm()
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, dmd_weight=0.0))
+
+
+def shapes_dmd() -> DistillConfig:
+    cfg = shapes_rcm()
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, scm_weight=0.0, dmd_weight=1.0))
+
+
+PRESETS = {
+    "toy2d-rcm": toy2d_rcm,
+    "toy2d-scm": toy2d_scm,
+    "toy2d-dmd": toy2d_dmd,
+    "shapes-rcm": shapes_rcm,
+    "shapes-scm": shapes_scm,
+    "shapes-dmd": shapes_dmd,
+}
 
 
 # --------------------------------------------------------------------------------------------------- loading

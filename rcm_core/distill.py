@@ -50,6 +50,7 @@ class Distiller(Stateful):
         parameterization: str,
         copy_net: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         device: torch.device | str | None = None,
+        autocast: bool = False,
     ):
         """
         Args:
@@ -59,7 +60,10 @@ class Distiller(Stateful):
                 teacher is used as it is). rcm_core.parallel passes one that builds a sharded copy, used for the
                 teacher too.
             device: where the generator draws its random tensors (the networks' device; default CPU).
+            autocast: run the losses under bf16 autocast on the generator's device (CUDA; the time path and the
+                norms stay float32, parameters and optimizer state stay float32).
         """
+        self.autocast = autocast
         self.config = config
         self.task = task
         param = parameterization
@@ -81,6 +85,9 @@ class Distiller(Stateful):
             self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=o.fake_lr, betas=betas, weight_decay=0.0)
         self.generator = torch.Generator(device=device or "cpu").manual_seed(config.train.seed)
         self.step = 0
+        # False: checkpoints are read for evaluation only, without the random streams (a CUDA generator's state
+        # cannot be restored into a CPU one, so a GPU-trained student can still be evaluated on a CPU).
+        self.restore_rng = True
 
     # ------------------------------------------------------------------------------------------ helpers
     def _teacher_fn(self, cond):
@@ -120,12 +127,35 @@ class Distiller(Stateful):
         lc, b = cfg.loss, cfg.train.batch_size
         start = time.perf_counter()
         metrics: dict[str, float] = {}
+
+        def amp():
+            return torch.autocast(self.generator.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
         if self.fake is not None:
             for _ in range(lc.critic_ratio):
-                metrics.update(self._critic_step())
+                with amp():
+                    metrics.update(self._critic_step())
 
         x0, cond = self.task.sample(b, generator=gen)
         total = torch.zeros((), device=gen.device)
+        with amp():
+            total = self._student_losses(x0, cond, total, metrics)
+
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self._set_lr()
+        if cfg.optim.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+            metrics["grad_norm"] = gnorm.item()
+        self.opt.step()
+        self.ema.update(self.student)
+        self.step += 1
+        metrics.update({"loss": total.item(), "step_seconds": time.perf_counter() - start})
+        return metrics
+
+    def _student_losses(self, x0, cond, total: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+        """lambda-weighted L_sCM + L_DMD of the student on (x0, cond)."""
+        lc, gen, b = self.config.loss, self.generator, self.config.train.batch_size
         if lc.scm_weight > 0:
             t = trigflow.sample_lognormal_time(b, lc.p_mean, lc.p_std, generator=gen, device=gen.device)
             eps = torch.randn(x0.shape, generator=gen, device=gen.device)
@@ -141,18 +171,7 @@ class Distiller(Stateful):
             loss_dmd, m = dmd_loss(x0_student, self._teacher_fn(cond), fake_fn, t=self._dmd_times(b), eps=eps)
             total = total + lc.dmd_weight * loss_dmd
             metrics.update(m)
-
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        self._set_lr()
-        if cfg.optim.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
-            metrics["grad_norm"] = gnorm.item()
-        self.opt.step()
-        self.ema.update(self.student)
-        self.step += 1
-        metrics.update({"loss": total.item(), "step_seconds": time.perf_counter() - start})
-        return metrics
+        return total
 
     def _set_lr(self) -> None:
         """Learning rate from the step alone (no scheduler state to checkpoint)."""
@@ -169,9 +188,10 @@ class Distiller(Stateful):
             # get_optimizer_state_dict initialises empty optimizer state on load, so DCP can fill it in place
             "opt": get_optimizer_state_dict(self.student, self.opt),
             "step": self.step,
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
         }
+        if self.restore_rng:
+            state["generator"] = self.generator.get_state()
+            state["torch_rng"] = torch.get_rng_state()
         if self.fake is not None and self.fake_opt is not None:
             state["fake"] = get_model_state_dict(self.fake)
             state["fake_opt"] = get_optimizer_state_dict(self.fake, self.fake_opt)
@@ -182,8 +202,9 @@ class Distiller(Stateful):
         self.ema.load_state_dict(state["ema"])
         set_optimizer_state_dict(self.student, self.opt, state["opt"])
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        if self.restore_rng:
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
         if self.fake is not None and self.fake_opt is not None:
             set_model_state_dict(self.fake, state["fake"])
             set_optimizer_state_dict(self.fake, self.fake_opt, state["fake_opt"])

@@ -1,4 +1,7 @@
-"""End-to-end 2-D pipeline used by the CLI: get a teacher, distill, checkpoint, evaluate.
+"""End-to-end pipeline used by the CLI and the Ray worker: get a teacher, distill, checkpoint, evaluate.
+
+Two built-in tasks: the 2-D mixtures (MLP teacher trained here on first use) and shapes (text-to-image; the
+teacher ships in rcm_core/assets, trained by `rcm teacher train --preset shapes`).
 
 Progress goes through a `reporter(kind, **fields)` callback so the CLI prints lines and the Ray worker
 (later) forwards metrics, without this module knowing about either.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rcm_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rcm_core.config import DistillConfig, config_from_dict, config_to_dict
+from rcm_core.config import ConfigError, DistillConfig, config_from_dict, config_to_dict
 from rcm_core.data.toy2d import Toy2DTask
 from rcm_core.distill import Distiller
 from rcm_core.eval.toy2d import toy2d_metrics
@@ -38,8 +42,17 @@ def default_teacher_path(cfg: DistillConfig) -> Path:
     return Path(cfg.train.output_dir).parent / "teachers" / f"{name}.safetensors"
 
 
+SHIPPED_SHAPES_TEACHER = Path(__file__).parent / "assets" / "shapes_teacher.safetensors"
+
+
 def get_teacher(cfg: DistillConfig, reporter: Reporter = _quiet) -> tuple[torch.nn.Module, dict, Path]:
-    """Load `teacher.path`, or train the 2-D teacher once and cache it next to the run directory."""
+    """Load `teacher.path` (shapes: the shipped teacher by default), or train the 2-D teacher once and cache it."""
+    if cfg.task == "shapes":
+        from rcm_core.shapes_teacher import load_shapes_teacher
+
+        path = Path(cfg.teacher.path) if cfg.teacher.path else SHIPPED_SHAPES_TEACHER
+        net, meta = load_shapes_teacher(path)
+        return net, meta, path
     if cfg.teacher.path:
         path = Path(cfg.teacher.path)
         net, meta = load_toy2d_teacher(path)
@@ -69,16 +82,59 @@ def get_teacher(cfg: DistillConfig, reporter: Reporter = _quiet) -> tuple[torch.
     return net, meta, path
 
 
-def build_distiller(cfg: DistillConfig, teacher_net: torch.nn.Module, meta: dict) -> Distiller:
-    task = Toy2DTask(dataclasses.replace(cfg.data, **meta["data"]))
-    return Distiller(cfg, teacher_net, task, parameterization=meta["parameterization"])
+def training_device(cfg: DistillConfig) -> torch.device:
+    """train.device, with auto = CUDA when available for shapes (the 2-D task always runs on the CPU)."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if cfg.task == "shapes" and torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def build_task(cfg: DistillConfig, meta: dict, device: torch.device | None = None):
+    """The data/condition source of a run: Toy2DTask, ShapesTask, or (GPU, data.pool_size > 0) PooledShapesTask."""
+    if meta.get("task") != cfg.task:
+        raise ConfigError(f"teacher.path: a {meta.get('task')!r} teacher cannot be distilled on task {cfg.task!r}")
+    if cfg.task == "toy2d":
+        return Toy2DTask(dataclasses.replace(cfg.data, **meta["data"]))
+    from rcm_core.data.shapes import PooledShapesTask, ShapesTask, load_prompt_file
+
+    prompts = load_prompt_file(cfg.data.prompt_file) if cfg.data.prompt_file else None
+    if cfg.data.pool_size > 0:
+        workers = min(8, os.cpu_count() or 1)
+        pool = PooledShapesTask(
+            cfg.data.pool_size, seed=cfg.train.seed, device=device or "cpu", workers=workers, prompts=prompts
+        )
+        return pool
+    return ShapesTask(prompts=prompts)
+
+
+def build_distiller(
+    cfg: DistillConfig,
+    teacher_net: torch.nn.Module,
+    meta: dict,
+    *,
+    copy_net: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    device: torch.device | None = None,
+) -> Distiller:
+    """The Distiller for `cfg`; `copy_net` / `device` as for Distiller (sharded networks, GPU generator).
+
+    On CUDA the losses run under bf16 autocast (the time path stays float32).
+    """
+    task = build_task(cfg, meta, device)
+    param = meta["parameterization"]
+    amp = device is not None and torch.device(device).type == "cuda"
+    return Distiller(cfg, teacher_net, task, parameterization=param, copy_net=copy_net, device=device, autocast=amp)
 
 
 def distill(cfg: DistillConfig, *, resume: bool = True, reporter: Reporter = _quiet) -> Distiller:
     """Train a student per `cfg`; checkpoints land in output_dir/checkpoints/step-<N>/."""
     torch.manual_seed(cfg.train.seed)
     teacher_net, meta, teacher_path = get_teacher(cfg, reporter)
-    distiller = build_distiller(cfg, teacher_net, meta)
+    device = training_device(cfg)
+    if device.type == "cuda":
+        teacher_net = teacher_net.to(device)
+    distiller = build_distiller(cfg, teacher_net, meta, device=device if device.type == "cuda" else None)
     out = Path(cfg.train.output_dir)
     ckpt_root = out / "checkpoints"
     (out).mkdir(parents=True, exist_ok=True)
@@ -91,6 +147,10 @@ def distill(cfg: DistillConfig, *, resume: bool = True, reporter: Reporter = _qu
     while distiller.step < cfg.train.steps:
         metrics = distiller.train_step()
         step = distiller.step
+        if cfg.train.max_minutes and time.perf_counter() - start > 60 * cfg.train.max_minutes:
+            path = save_checkpoint(distiller, ckpt_root, step, extra=extra)
+            reporter("time_limit", step=step, path=str(path))
+            break
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rate = (step - first) / max(time.perf_counter() - start, 1e-9)
             reporter("step", step=step, total=cfg.train.steps, eta=(cfg.train.steps - step) / rate, **metrics)
@@ -102,15 +162,29 @@ def distill(cfg: DistillConfig, *, resume: bool = True, reporter: Reporter = _qu
 
 
 def load_student(checkpoint_dir: Path) -> tuple[Distiller, DistillConfig, dict]:
-    """Rebuild a Distiller from a run's checkpoint directory (config.json sits two levels up)."""
+    """Rebuild a Distiller from a run's checkpoint directory (config.json sits two levels up), for evaluation.
+
+    The student, EMA and fake score come from the checkpoint; the frozen teacher (not in checkpoints) is loaded
+    from the teacher file recorded in the checkpoint's manifest, else from the config's teacher path.
+    """
     run_dir = checkpoint_dir.parent.parent
     saved = json.loads((run_dir / "config.json").read_text())
     cfg = config_from_dict(saved["config"])
-    meta = saved["teacher"]
-    from rcm_core.teacher import build_toy2d_net
-
-    net = build_toy2d_net(cfg.model, Toy2DTask(cfg.data))  # weights come from the checkpoint
-    distiller = build_distiller(cfg, net, meta)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pool_size=0))  # evaluation draws no data
+    manifest_path = checkpoint_dir / "manifest.json"
+    recorded = json.loads(manifest_path.read_text()).get("teacher_path") if manifest_path.is_file() else None
+    if recorded and Path(recorded).is_file():
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=recorded))
+    elif cfg.task == "toy2d" and not cfg.teacher.path:
+        cached = default_teacher_path(cfg)
+        if not cached.is_file():
+            raise ConfigError(
+                f"{checkpoint_dir}: its teacher ({recorded or cached}) is gone; cannot evaluate against it"
+            )
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(cached)))
+    teacher_net, meta, _ = get_teacher(cfg)
+    distiller = build_distiller(cfg, teacher_net, meta)
+    distiller.restore_rng = False  # for evaluation: the student may have been trained on another device
     load_checkpoint(distiller, checkpoint_dir)
     return distiller, cfg, meta
 

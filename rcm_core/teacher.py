@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rcm_core.config import ConfigError, MLPConfig, TeacherConfig, Toy2DDataConfig
+from rcm_core.config import ConfigError, DataConfig, MLPConfig, TeacherConfig
 from rcm_core.data.toy2d import Toy2DTask
 from rcm_core.models.flow import FlowModel
 from rcm_core.models.mlp import MLPFlowNet
@@ -28,7 +28,7 @@ def build_toy2d_net(model: MLPConfig, task: Toy2DTask) -> MLPFlowNet:
 
 
 def train_toy2d_teacher(
-    data: Toy2DDataConfig, model: MLPConfig, teacher: TeacherConfig, *, seed: int = 0, progress=None
+    data: DataConfig, model: MLPConfig, teacher: TeacherConfig, *, seed: int = 0, progress=None
 ) -> tuple[MLPFlowNet, dict]:
     """Train an RF teacher on the 2-D mixture; returns the network and a record of how it was made."""
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def load_toy2d_teacher(path: Path) -> tuple[MLPFlowNet, dict]:
     if not path.is_file():
         raise ConfigError(f"teacher.path: no such file {path}")
     meta = read_teacher_meta(path)
-    task = Toy2DTask(Toy2DDataConfig(**meta["data"]))
+    task = Toy2DTask(DataConfig(**meta["data"]))
     net = build_toy2d_net(MLPConfig(**meta["model"]), task)
     net.load_state_dict(load_file(str(path)))
     return net.eval(), meta

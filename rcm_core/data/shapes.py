@@ -122,6 +122,48 @@ def held_out_prompts() -> list[Prompt]:
     return [p for p in all_prompts() if p.is_held_out()]
 
 
+def parse_caption(caption: str) -> Prompt:
+    """The Prompt whose caption is `caption` (case and surrounding spaces ignored); ValueError if none."""
+    key = " ".join(caption.lower().split())
+    prompt = _prompts_by_caption().get(key)
+    if prompt is None:
+        raise ValueError(
+            f"not a caption of the shapes grammar: {caption.strip()!r} (e.g. {all_prompts()[-1].caption()!r})"
+        )
+    return prompt
+
+
+@functools.cache
+def _prompts_by_caption() -> dict[str, Prompt]:
+    return {p.caption(): p for p in all_prompts()}
+
+
+def load_prompt_file(path) -> list[Prompt]:
+    """Prompts from a UTF-8 text file, one caption per line; blank lines and lines starting with # are skipped.
+
+    Raises ValueError naming the file and line of the first caption the grammar cannot parse, or if the file
+    holds no caption at all.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"prompt file {p}: cannot read it ({exc})") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            prompts.append(parse_caption(line))
+        except ValueError as exc:
+            raise ValueError(f"prompt file {p}, line {number}: {exc}") from None
+    if not prompts:
+        raise ValueError(f"prompt file {p}: no captions (one per line expected)")
+    return prompts
+
+
 def eval_prompts() -> list[Prompt]:
     """The evaluation set: every held-out prompt, plus the single- and two-object prompts (too few to hold out)."""
     return held_out_prompts() + [p for p in all_prompts() if p.category in ("single_object", "two_object")]
@@ -244,10 +286,17 @@ class ShapesTask:
     deterministic given the generator state (and so resumable from a checkpoint).
     """
 
-    def __init__(self, *, split: str = "train", max_length: int = 12):
+    def __init__(self, *, split: str = "train", max_length: int = 12, prompts: list[Prompt] | None = None):
+        """split: "train" (held-out prompts never drawn) or "held_out"; `prompts`: draw only these instead."""
         self.split = split
+        self.prompts = list(prompts) if prompts else None
         self.tokenizer = Tokenizer(max_length)
         self.sample_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def _draw(self, rng: np.random.Generator) -> Prompt:
+        if self.prompts is not None:
+            return self.prompts[int(rng.integers(len(self.prompts)))]
+        return sample_prompt(rng, split=self.split)
 
     def _encode(self, captions: list[str]):
         import torch
@@ -258,14 +307,14 @@ class ShapesTask:
     def sample_prompts(self, batch_size: int, *, generator) -> list[Prompt]:
         import torch
 
-        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        return [sample_prompt(rng, split=self.split) for _ in range(batch_size)]
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device)))
+        return [self._draw(rng) for _ in range(batch_size)]
 
     def sample(self, batch_size: int, *, generator):
         import torch
 
-        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        prompts = [sample_prompt(rng, split=self.split) for _ in range(batch_size)]
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device)))
+        prompts = [self._draw(rng) for _ in range(batch_size)]
         images = np.stack([render(p, rng)[0] for p in prompts])  # (B, 32, 32, 3) uint8
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, 32, 32) in [-1, 1]
         return x0, self._encode([p.caption() for p in prompts])
@@ -275,6 +324,67 @@ class ShapesTask:
 
     def null_cond(self, batch_size: int):
         return self._encode([""] * batch_size)
+
+
+def _render_chunk(args: tuple[int, int, int, str, tuple[Prompt, ...] | None]) -> tuple[np.ndarray, list[str]]:
+    seed, chunk, n, split, prompts = args
+    task = ShapesTask(split=split, prompts=list(prompts) if prompts else None)
+    rng = np.random.default_rng([seed, chunk])
+    drawn = [task._draw(rng) for _ in range(n)]
+    return np.stack([render(p, rng)[0] for p in drawn]), [p.caption() for p in drawn]
+
+
+class PooledShapesTask(ShapesTask):
+    """ShapesTask over a pre-rendered pool held on `device`: for GPU training, where rendering on the fly
+    (about 0.25 ms per image on one core) would starve the GPU.
+
+    The pool (`size` scenes) is rendered once, in `workers` processes, deterministically from `seed` (chunks of
+    4096 scenes, each from its own seeded generator, so the pool does not depend on the number of workers).
+    `sample` then draws pool indices with the caller's generator, so batches stay reproducible.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, size: int, *, seed: int = 0, device="cpu", workers: int = 0, **kwargs):
+        import torch
+
+        super().__init__(**kwargs)
+        jobs = [
+            (seed, i, min(self.CHUNK, size - i * self.CHUNK), self.split, tuple(self.prompts or ()))
+            for i in range(-(-size // self.CHUNK))
+        ]
+        if workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                parts = pool.map(_render_chunk, jobs)
+        else:
+            parts = [_render_chunk(j) for j in jobs]
+        images = np.concatenate([imgs for imgs, _ in parts])
+        ids, mask = self.tokenizer.encode([c for _, caps in parts for c in caps])
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # (N, 3, 32, 32) u8
+        self.ids = torch.from_numpy(ids).to(self.device)
+        self.mask = torch.from_numpy(mask).to(self.device)
+        self.size = size
+
+    def _indices(self, batch_size: int, generator):
+        import torch
+
+        idx = torch.randint(self.size, (batch_size,), generator=generator, device=generator.device)
+        return idx.to(self.device)
+
+    def sample(self, batch_size: int, *, generator):
+        idx = self._indices(batch_size, generator)
+        x0 = self.images[idx].float() / 127.5 - 1.0
+        return x0, {"ids": self.ids[idx], "mask": self.mask[idx]}
+
+    def sample_cond(self, batch_size: int, *, generator):
+        idx = self._indices(batch_size, generator)
+        return {"ids": self.ids[idx], "mask": self.mask[idx]}
+
+    def null_cond(self, batch_size: int):
+        return {k: v.to(self.device) for k, v in super().null_cond(batch_size).items()}
 
 
 def to_uint8(x0) -> np.ndarray:

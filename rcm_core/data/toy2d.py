@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from rcm_core.config import Toy2DDataConfig
+from rcm_core.config import DataConfig
 
 
 def mode_layout(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def mode_layout(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
 class Toy2DTask:
     """Samples (x0, label) pairs; `num_classes` is also the null label used for CFG."""
 
-    def __init__(self, config: Toy2DDataConfig):
+    def __init__(self, config: DataConfig):
         self.config = config
         self.centres, self.mode_class = mode_layout(config.dataset)
         self.num_classes = int(self.mode_class.max()) + 1

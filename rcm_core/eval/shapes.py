@@ -1,0 +1,182 @@
+"""The shapes benchmark: GenEval-style score, diversity and sampling time of teachers and few-step students.
+
+One row per (model, sampling steps):
+- `overall` and per-category scores (rcm_core.eval.geneval) over the benchmark prompts: every prompt of the
+  grammar in a fixed order, cycled to `num_samples` images (category mean, so the imbalance of categories does
+  not matter); `held_out` is the overall score restricted to the held-out prompts (never seen in training);
+- `diversity` / `recall` (rcm_core.eval.diversity): mean over DIVERSITY_PROMPTS of K samples each, over seeds;
+- `ms_per_image`: wall-clock sampling time per image (batched, including CFG for the teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rcm_core.data.shapes import Prompt, ShapesTask, all_prompts, parse_caption, to_uint8
+from rcm_core.eval.diversity import diversity_report
+from rcm_core.eval.geneval import score
+from rcm_core.models.flow import FlowModel, guided_f
+from rcm_core.sampling import sample_consistency, sample_euler, student_times
+
+# One prompt per category that leaves position, size and (where unnamed) colour free.
+DIVERSITY_PROMPTS = (
+    "a photo of a circle",
+    "a photo of a red square",
+    "a photo of a triangle and a circle",
+    "a photo of a square above a triangle",
+)
+
+# The grid's columns: two prompts per harder category, same seeds for every row.
+GRID_PROMPTS = (
+    "a photo of a square",
+    "a photo of a blue triangle",
+    "a photo of three circles",
+    "a photo of four squares",
+    "a photo of a circle left of a triangle",
+    "a photo of a triangle below a square",
+    "a photo of a red circle and a green square",
+    "a photo of a yellow triangle and a blue circle",
+)
+
+Sampler = Callable[[list[Prompt], int, int], np.ndarray]  # (prompts, steps, seed) -> (N, 32, 32, 3) uint8
+
+
+def benchmark_prompts(num_samples: int) -> list[Prompt]:
+    """Every grammar prompt in a fixed order, cycled to `num_samples` entries."""
+    base = all_prompts()
+    return [base[i % len(base)] for i in range(num_samples)]
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def teacher_sampler(model: FlowModel, guidance_scale: float, *, batch_size: int = 256) -> Sampler:
+    """Euler (DDIM) sampling of the teacher with classifier-free guidance."""
+    task, device = ShapesTask(), next(model.parameters()).device
+
+    def sample(prompts: list[Prompt], steps: int, seed: int) -> np.ndarray:
+        gen, out = torch.Generator().manual_seed(seed), []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            cond = {k: v.to(device) for k, v in task._encode([p.caption() for p in chunk]).items()}
+            null = {k: v.to(device) for k, v in task.null_cond(len(chunk)).items()}
+            noise = torch.randn((len(chunk), *task.sample_shape), generator=gen).to(device)
+            with _autocast(device):
+                x0 = sample_euler(
+                    lambda x, t, c=cond, n=null: guided_f(model, x, t, c, n, guidance_scale), noise, steps
+                )
+            out.append(to_uint8(x0))
+        return np.concatenate(out)
+
+    return sample
+
+
+@torch.no_grad()
+def student_sampler(model: FlowModel, *, batch_size: int = 256) -> Sampler:
+    """Few-step consistency sampling of a student (guidance is distilled in: one network call per step)."""
+    task, device = ShapesTask(), next(model.parameters()).device
+
+    def sample(prompts: list[Prompt], steps: int, seed: int) -> np.ndarray:
+        gen, out = torch.Generator().manual_seed(seed), []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            cond = {k: v.to(device) for k, v in task._encode([p.caption() for p in chunk]).items()}
+            noise = torch.randn((len(chunk), *task.sample_shape), generator=gen).to(device)
+            dev_gen = torch.Generator(device=device).manual_seed(seed + i)
+            with _autocast(device):
+                x0 = sample_consistency(
+                    lambda x, t, c=cond: model(x, t, c), noise, student_times(steps), generator=dev_gen
+                )
+            out.append(to_uint8(x0))
+        return np.concatenate(out)
+
+    return sample
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def evaluate(
+    entries: list[tuple[str, Sampler, list[int]]], *, num_samples: int, diversity_k: int = 32, seed: int = 0
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Rows of the benchmark table and, per row, the images of GRID_PROMPTS (for `image_grid`)."""
+    prompts = benchmark_prompts(num_samples)
+    held = [i for i, p in enumerate(prompts) if p.is_held_out()]
+    div_prompts = [parse_caption(c) for c in DIVERSITY_PROMPTS]
+    rows, images = [], {}
+    for name, sampler, steps_list in entries:
+        for steps in steps_list:
+            sampler(prompts[:8], steps, seed)  # warm-up (kernel compilation, allocator)
+            _sync()
+            start = time.perf_counter()
+            imgs = sampler(prompts, steps, seed)
+            _sync()
+            ms = 1e3 * (time.perf_counter() - start) / len(prompts)
+            s = score(prompts, list(imgs))
+            held_score = score([prompts[i] for i in held], [imgs[i] for i in held])["overall"] if held else math.nan
+            div = [
+                diversity_report(p, list(sampler([p] * diversity_k, steps, seed + 1 + j)), seed=seed + 1 + j)
+                for j, p in enumerate(div_prompts)
+            ]
+            rows.append(
+                {
+                    "model": name,
+                    "steps": steps,
+                    **s,
+                    "held_out": held_score,
+                    "diversity": float(np.mean([d["diversity"] for d in div])),
+                    "recall": float(np.mean([d["recall"] for d in div])),
+                    "ms_per_image": ms,
+                }
+            )
+            images[f"{name} {steps}-step"] = sampler([parse_caption(c) for c in GRID_PROMPTS], steps, seed + 100)
+    return rows, images
+
+
+def format_table(rows: list[dict]) -> str:
+    cats = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+    head = "| model | steps | score | " + " | ".join(cats) + " | held-out | diversity | recall | ms / image |"
+    lines = [head, "|---|---:|" + "---:|" * (len(cats) + 5)]
+    for r in rows:
+        cells = [f"{r.get(c, math.nan):.2f}" for c in cats]
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['overall']:.3f} | " + " | ".join(cells) + f" | {r['held_out']:.2f} | "
+            f"{r['diversity']:.2f} | {r['recall']:.2f} | {r['ms_per_image']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def image_grid(panels: dict[str, np.ndarray], path: Path, *, columns: int = 8, scale: int = 3) -> Path:
+    """One row per panel: its title, then its first `columns` images (same prompts and seeds across rows)."""
+    from PIL import Image, ImageDraw
+
+    cell = 32 * scale + 4
+    title_w = 150
+    img = Image.new("RGB", (title_w + columns * cell, len(panels) * cell), "white")
+    draw = ImageDraw.Draw(img)
+    for r, (title, images) in enumerate(panels.items()):
+        draw.text((4, r * cell + cell // 2 - 6), title, fill="black")
+        for c, im in enumerate(images[:columns]):
+            tile = Image.fromarray(np.asarray(im)).resize((32 * scale, 32 * scale), Image.NEAREST)
+            img.paste(tile, (title_w + c * cell + 2, r * cell + 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def save_report(rows: list[dict], out_dir: Path, *, extra: dict | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    path.write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    return path
