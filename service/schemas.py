@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+BUILTIN_TEACHERS = {"toy2d": "builtin:toy2d", "shapes": "builtin:shapes"}  # name -> URI
 _URI = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,62}/.+|builtin:[a-z0-9\-]+)$")
 
 
@@ -35,7 +36,10 @@ class _Strict(BaseModel):
 
 
 class TeacherSpec(_Strict):
-    uri: str = Field(description="s3://bucket/key.safetensors (written by `rcm teacher train`) or builtin:toy2d")
+    uri: str = Field(
+        description="s3://bucket/key.safetensors (written by `rcm teacher train`), builtin:toy2d (the 2-D teacher, "
+        "trained on first use) or builtin:shapes (the text-to-image teacher shipped with rcm_core)"
+    )
     parameterization: Literal["rf", "trigflow"] = "rf"
     guidance_scale: float = Field(1.5, ge=0, le=20, description="CFG weight distilled into the student")
 
@@ -44,6 +48,8 @@ class TeacherSpec(_Strict):
     def _uri(cls, v: str) -> str:
         if not _URI.match(v):
             raise ValueError("must be s3://bucket/key or builtin:NAME")
+        if v.startswith("builtin:") and v.removeprefix("builtin:") not in BUILTIN_TEACHERS:
+            raise ValueError(f"unknown built-in teacher {v!r}: one of {', '.join(BUILTIN_TEACHERS.values())}")
         return v
 
 
@@ -128,6 +134,34 @@ class ScheduleSpec(_Strict):
     seed: int = 0
 
 
+class EvalSpec(_Strict):
+    """What the worker evaluates: periodically (student at 1 and 4 steps) and in the final report (teacher at
+    teacher_steps Euler steps, student at 1, 2 and 4 steps). Unset fields take the dataset's default."""
+
+    num_samples: int | None = Field(
+        None,
+        ge=10,
+        le=100_000,
+        description="samples per sampler and step count in the final report, half of it in periodic evaluations; "
+        "default 2000 (2-D points) or 126 (shapes images, every benchmark prompt once)",
+    )
+    diversity_samples: int = Field(8, ge=2, le=256, description="shapes: images per diversity prompt")
+    teacher_steps: list[int] | None = Field(
+        None,
+        min_length=1,
+        max_length=8,
+        description="teacher Euler steps in the final report; default [1, 4, 32] (2-D) or [4] (shapes: CFG doubles "
+        "the cost; the shipped teacher's stored GPU evaluation at 50 steps is added to the report)",
+    )
+
+    @field_validator("teacher_steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not all(1 <= s <= 1000 for s in v):
+            raise ValueError("every step count must be in [1, 1000]")
+        return v
+
+
 class TrackingSpec(_Strict):
     experiment: str = Field("rcm", min_length=1, max_length=128)
 
@@ -140,6 +174,7 @@ class JobCreate(_Strict):
     method: MethodSpec = MethodSpec()
     resources: ResourcesSpec = ResourcesSpec()
     schedule: ScheduleSpec = ScheduleSpec()
+    eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="after")
@@ -156,6 +191,15 @@ class JobCreate(_Strict):
             raise ValueError(
                 f"teacher.uri builtin:toy2d is a 2-D teacher: data.dataset must be one of {TOY2D_DATASETS}"
             )
+        if self.data.dataset != "shapes" and self.teacher.uri == "builtin:shapes":
+            raise ValueError("teacher.uri builtin:shapes is a text-to-image teacher: data.dataset must be 'shapes'")
+        if self.data.dataset == "shapes":  # TextToImageNet is not a DiT: both act inside DiT blocks only
+            unavailable = {"cp_degree": 1, "activation_checkpointing": "none"}
+            for name in (k for k, default in unavailable.items() if getattr(r, k) != default):
+                raise ValueError(
+                    f"resources.{name}={getattr(r, name)!r} is not available with data.dataset 'shapes' "
+                    "(its text-to-image network is not a DiT; use fsdp_degree to add workers)"
+                )
         if self.schedule.batch_size % r.fsdp_degree:
             raise ValueError(
                 f"schedule.batch_size ({self.schedule.batch_size}) must be divisible by resources.fsdp_degree "

@@ -17,6 +17,8 @@ from pathlib import Path
 from rcm_core.config import ConfigError
 from workers import storage
 
+BUILTIN_SHAPES = "builtin:shapes"
+
 
 def check_inputs(spec: dict) -> None:
     """Read and parse the prompt file, and convert the spec to rcm_core's configs, as the workers will.
@@ -47,10 +49,17 @@ def check_inputs(spec: dict) -> None:
 
 
 def resolve_teacher(job_id: str, spec: dict) -> str:
-    """The teacher's S3 URI, after checking that it can be read and loaded."""
-    from rcm_core.teacher import load_toy2d_teacher
+    """The teacher's S3 URI (or builtin:shapes), after checking that it can be read and fits the dataset.
 
+    builtin:shapes stays as it is: the workers load the teacher shipped inside rcm_core (rcm_core/assets), which
+    every worker image has, so there is nothing to upload and no second copy to keep in step with the package.
+    """
     uri = spec["teacher"]["uri"]
+    if uri == BUILTIN_SHAPES:
+        from rcm_core.pipeline import SHIPPED_SHAPES_TEACHER
+
+        _check_teacher(SHIPPED_SHAPES_TEACHER, spec)
+        return uri
     bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "teacher.safetensors"
@@ -65,15 +74,30 @@ def resolve_teacher(job_id: str, spec: dict) -> str:
             storage.download(uri, local)
         else:
             raise ConfigError(f"teacher.uri: unsupported {uri!r}")
-        try:
-            load_toy2d_teacher(local)
-        except ConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001  (any parse error means the file is not a teacher)
-            raise ConfigError(
-                f"teacher.uri {spec['teacher']['uri']}: not a valid teacher file ({type(exc).__name__})"
-            ) from None
+        _check_teacher(local, spec)
     return uri
+
+
+def _check_teacher(path: Path, spec: dict) -> None:
+    """Load the teacher file as the workers will; its task must be the dataset's."""
+    from rcm_core.shapes_teacher import load_shapes_teacher
+    from rcm_core.teacher import load_toy2d_teacher, read_teacher_meta
+
+    task = "shapes" if spec["data"]["dataset"] == "shapes" else "toy2d"
+    try:
+        found = read_teacher_meta(path).get("task", "toy2d")
+        if found != task:
+            raise ConfigError(
+                f"teacher.uri {spec['teacher']['uri']}: a {found!r} teacher cannot be distilled on data.dataset "
+                f"{spec['data']['dataset']!r}"
+            )
+        (load_shapes_teacher if task == "shapes" else load_toy2d_teacher)(path)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any parse error means the file is not a teacher)
+        raise ConfigError(
+            f"teacher.uri {spec['teacher']['uri']}: not a valid teacher file ({type(exc).__name__})"
+        ) from None
 
 
 def _train_builtin(dest: Path) -> None:

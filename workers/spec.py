@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from rcm_core.config import ConfigError, DistillConfig, config_from_dict
+from rcm_core.config import ConfigError, DistillConfig, config_from_dict, shapes_rcm, toy2d_rcm
 from rcm_core.parallel.parallel_dims import ParallelConfig
+
+# The evaluation of a job whose spec leaves `eval` fields unset (the student is always sampled at 1, 2, 4 steps).
+# 2-D: what the worker has always used. Shapes: every benchmark prompt once, the teacher at 4 Euler steps only
+# (CFG: 2 network calls per step; 50 steps on a 2-core CPU take minutes).
+EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "toy2d": {"num_samples": 2000, "teacher_steps": [1, 4, 32]},
+    "shapes": {"num_samples": 126, "teacher_steps": [4]},
+}
 
 
 def distill_config_from_spec(
@@ -17,11 +25,15 @@ def distill_config_from_spec(
         prompt_file: local copy of the spec's data.prompt_file_uri (the worker downloads it), or None.
     """
     m, s, t = spec["method"], spec["schedule"], spec["teacher"]
+    task = "shapes" if spec["data"]["dataset"] == "shapes" else "toy2d"
     data: dict[str, Any] = {"dataset": spec["data"]["dataset"]}
     if prompt_file is not None:
         data["prompt_file"] = prompt_file
+    given = spec.get("eval", {})  # absent from specs stored before the service had an `eval` section
+    e = {**EVAL_DEFAULTS[task], **{k: v for k, v in given.items() if v is not None}}
     return config_from_dict(
         {
+            "task": task,
             "data": data,
             "teacher": {
                 "path": teacher_path,
@@ -51,7 +63,14 @@ def distill_config_from_spec(
                 "checkpoint_every": s["checkpoint_every"],
                 "output_dir": output_dir,
             },
-        }
+            "eval": {
+                "num_samples": e["num_samples"],
+                "teacher_steps": e["teacher_steps"],
+                "student_steps": [1, 2, 4],
+                "diversity_samples": e.get("diversity_samples", 8),
+            },
+        },
+        base=shapes_rcm() if task == "shapes" else toy2d_rcm(),  # the preset supplies what the spec does not set
     )
 
 

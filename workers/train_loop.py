@@ -10,7 +10,6 @@ unsharded copies gathered from all ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -24,10 +23,10 @@ from torch import nn
 
 from rcm_core import pipeline
 from rcm_core.checkpoint import load_checkpoint, save_checkpoint
-from rcm_core.config import ConfigError
 from rcm_core.distill import Distiller
 from rcm_core.models.flow import FlowModel
-from workers import distributed, storage
+from workers import distributed, evaluation, storage
+from workers.entrypoint import BUILTIN_SHAPES
 from workers.spec import distill_config_from_spec, parallel_config_from_spec
 from workers.tracking import RunLogger
 
@@ -48,20 +47,24 @@ def _report_checkpoint(distiller, metrics: dict[str, float], recovery_count: int
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
 
 
-def _build(config: dict[str, Any], workdir: Path) -> tuple[Any, nn.Module, Distiller, torch.device]:
-    """Download the teacher (and prompt file), build the config and the Distiller, sharded over the workers.
+def _build(config: dict[str, Any], workdir: Path) -> tuple[Any, nn.Module, dict, Distiller, torch.device]:
+    """Fetch the teacher (and prompt file), build the config and the Distiller, sharded over the workers.
+
+    builtin:shapes is the teacher shipped inside rcm_core (teacher.path None loads it; workers/entrypoint.py).
 
     Returns:
-        (DistillConfig, the unsharded teacher network, Distiller, this rank's device)
+        (DistillConfig, the unsharded teacher network, its metadata, Distiller, this rank's device)
     """
-    spec = config["spec"]
-    teacher_path = storage.download(config["teacher_uri"], workdir / "teacher.safetensors")
+    spec, teacher_uri = config["spec"], config["teacher_uri"]
+    teacher_path = None
+    if teacher_uri != BUILTIN_SHAPES:
+        teacher_path = str(storage.download(teacher_uri, workdir / "teacher.safetensors"))
     prompt_uri = spec["data"].get("prompt_file_uri")
     prompt_file = storage.fetch_prompt_file(prompt_uri, workdir / "prompts.txt") if prompt_uri else None
     cfg = distill_config_from_spec(
         spec,
         output_dir=str(workdir / "run"),
-        teacher_path=str(teacher_path),
+        teacher_path=teacher_path,
         prompt_file=None if prompt_file is None else str(prompt_file),
     )
     pconfig = parallel_config_from_spec(spec)
@@ -70,35 +73,16 @@ def _build(config: dict[str, Any], workdir: Path) -> tuple[Any, nn.Module, Disti
     teacher_net, meta, _ = pipeline.get_teacher(cfg)
     dims = distributed.build_parallel_dims(pconfig, device)
     copy_net = distributed.net_copy_fn(teacher_net, dims=dims, config=pconfig, device=device)
-    if copy_net is None:
-        distiller = pipeline.build_distiller(cfg, teacher_net, meta)
-    else:
-        distiller = _sharded_distiller(cfg, teacher_net, meta, copy_net, device)
-    return cfg, teacher_net, distiller, device
-
-
-def _sharded_distiller(cfg, teacher_net: nn.Module, meta: dict, copy_net, device: torch.device) -> Distiller:
-    """pipeline.build_distiller with sharded networks (`copy_net`) and the generator on `device`.
-
-    TODO(lead): a copy_net/device pass-through in rcm_core.pipeline.build_distiller would replace this and cover
-    every task; until then multi-worker jobs run the 2-D task only.
-    """
-    from rcm_core.data.toy2d import Toy2DTask
-
-    if meta.get("task") != "toy2d":
-        raise ConfigError(
-            f"resources.num_workers > 1 is supported for the 2-D task only so far, not {meta.get('task')!r}"
-        )
-    task = Toy2DTask(dataclasses.replace(cfg.data, **meta["data"]))
-    return Distiller(
-        cfg, teacher_net, task, parameterization=meta["parameterization"], copy_net=copy_net, device=device
-    )
+    if copy_net is None:  # one worker: the networks themselves live on the device (sharded copies move there)
+        teacher_net = teacher_net.to(device)
+    distiller = pipeline.build_distiller(cfg, teacher_net, meta, copy_net=copy_net, device=device)
+    return cfg, teacher_net, meta, distiller, device
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job_id, spec = config["job_id"], config["spec"]
     workdir = Path(tempfile.mkdtemp(prefix=f"rcm-{job_id[:8]}-"))
-    cfg, teacher_net, distiller, device = _build(config, workdir)
+    cfg, teacher_net, meta, distiller, device = _build(config, workdir)
     recovery_count = _resume(distiller)
     rank0 = distributed.rank() == 0
     log = RunLogger(os.environ.get("RCM_MLFLOW_RUN_ID") if rank0 else None)
@@ -118,13 +102,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # every rank must leave the loop at the same step: rank 0 reads the marker, the others follow it
             cancel = distributed.rank0_decides(rank0 and storage.cancel_requested(job_id), device)
         if step % spec["schedule"]["eval_every"] == 0 and step < cfg.train.steps:
-            _evaluate(distiller, teacher_net, log, workdir)
+            _evaluate(distiller, teacher_net, cfg, log, workdir)
         if cancel or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count)
         if cancel:
             log.metrics({"cancelled": 1.0}, step=step)
             return
-    _export(distiller, teacher_net, cfg, job_id, log)
+    _export(distiller, teacher_net, meta, cfg, job_id, log)
 
 
 def _system_metrics() -> dict[str, float]:
@@ -143,29 +127,20 @@ def _ema_student(distiller: Distiller, teacher_net: nn.Module) -> FlowModel | No
     return None if net is None else FlowModel(net, distiller.student.parameterization).eval()
 
 
-def _evaluate(distiller: Distiller, teacher_net: nn.Module, log: RunLogger, workdir: Path) -> None:
+def _evaluate(distiller: Distiller, teacher_net: nn.Module, cfg, log: RunLogger, workdir: Path) -> None:
     """Periodic evaluation of the EMA student on rank 0: metrics at 1 and 4 steps, and a sample grid."""
-    from rcm_core.eval.toy2d import scatter_grid
-
     ema = _ema_student(distiller, teacher_net)
     if ema is None:
         return
-    entries = [pipeline.student_entry("student (EMA)", ema, distiller.task, [1, 4], 0)]
-    rows, samples = pipeline.evaluate_rows(entries, distiller.task, 1000, 0)
     step = distiller.step
-    log.metrics(
-        {f"eval/{r['steps']}step/{k}": r[k] for r in rows for k in ("mode_coverage", "precision", "sliced_w2")},
-        step=step,
-    )
-    grid = scatter_grid(list(samples.items()), workdir / "samples" / f"step-{step:07d}.png", columns=2)
+    grid = workdir / "samples" / f"step-{step:07d}.png"
+    log.metrics(evaluation.periodic(cfg, ema, distiller.task, grid), step=step)
     log.artifact(grid, "samples")
 
 
-def _export(distiller: Distiller, teacher_net: nn.Module, cfg, job_id: str, log: RunLogger) -> None:
+def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, cfg, job_id: str, log: RunLogger) -> None:
     """Rank 0: student (EMA) weights + config + evaluation report + sample grid, to S3 and MLflow."""
     from safetensors.torch import save_file
-
-    from rcm_core.eval.toy2d import scatter_grid
 
     ema = _ema_student(distiller, teacher_net)
     if ema is None:
@@ -174,33 +149,26 @@ def _export(distiller: Distiller, teacher_net: nn.Module, cfg, job_id: str, log:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in ema.net.state_dict().items()}
     save_file(state, str(out / "student.safetensors"))
+    network = meta["config"] if cfg.task == "shapes" else cfg.model.__dict__  # what rebuilds the student's network
     (out / "config.json").write_text(
         json.dumps(
             {
+                "task": cfg.task,
                 "parameterization": distiller.student.parameterization,
-                "model": cfg.model.__dict__,
+                "model": network,
                 "data": cfg.data.__dict__,
+                "guidance_scale": cfg.teacher.guidance_scale,
             },
             indent=2,
         )
     )
     teacher = FlowModel(teacher_net, distiller.teacher.parameterization).eval()
-    entries = [
-        pipeline.teacher_entry(teacher, distiller.task, cfg.teacher.guidance_scale, [1, 4, 32], 0),
-        pipeline.student_entry("student (EMA)", ema, distiller.task, [1, 2, 4], 0),
-    ]
-    rows, samples = pipeline.evaluate_rows(entries, distiller.task, 2000, 0)
+    rows, metrics = evaluation.final_report(cfg, teacher, ema, distiller.task, meta, out)
     (out / "report.json").write_text(json.dumps({"rows": rows, "step": distiller.step}, indent=2))
-    scatter_grid(list(samples.items()), out / "samples.png")
     bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
     for f in out.iterdir():
         storage.upload(f, f"s3://{bucket}/jobs/{job_id}/export/{f.name}")
-    for r in rows:
-        if r["model"].startswith("student"):
-            log.metrics(
-                {f"eval/{r['steps']}step/{k}": r[k] for k in ("mode_coverage", "precision", "sliced_w2")},
-                step=distiller.step,
-            )
+    log.metrics(metrics, step=distiller.step)
     log.artifacts(out)
 
 

@@ -1,6 +1,7 @@
 """End to end against the real stack on loopback: SeaweedFS, MLflow, a Ray head with the Jobs API and the
 API under uvicorn, all started by scripts/stack.py in a temporary data directory and stopped by PID."""
 
+import json
 import os
 import signal
 import subprocess
@@ -170,6 +171,40 @@ def test_malformed_or_missing_prompt_file_fails_with_a_reason(stack, uri, expect
     assert r.status_code == 202, r.text
     done = _wait(tok, r.json()["id"], lambda j: j["state"] == "FAILED", timeout=120)
     assert expected in done["failure_reason"], done["failure_reason"]
+
+
+def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
+    """The shipped text-to-image teacher (builtin:shapes), a few CPU steps, a tiny evaluation."""
+    tok = stack["tokens"]["a"]
+    spec = {
+        "name": "e2e-shapes",
+        "teacher": {"uri": "builtin:shapes", "guidance_scale": 2.0},
+        "data": {"dataset": "shapes"},
+        "method": {"critic_ratio": 1},
+        "schedule": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "eval_every": 2},
+        "eval": {"num_samples": 10, "diversity_samples": 2, "teacher_steps": [2]},
+    }
+    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
+    assert r.status_code == 202, r.text
+    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED", timeout=400)
+    assert job["step"] == 4 and "loss" in job["metrics"]
+    run_id, run = _mlflow_run(job)
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"loss", "scm_loss", "dmd_loss", "eval/1step/overall", "eval/4step/diversity"} <= metrics
+    arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
+    assert {"samples.png", "student.safetensors", "report.json", "config.json"} <= {f["path"] for f in arts["files"]}
+    periodic = httpx.get(
+        "http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}
+    ).json()
+    assert [f["path"] for f in periodic["files"]] == ["samples/step-0000002.png"]
+    export = f"jobs/{job['id']}/export/"
+    png = stack["s3"].get_object(Bucket="ckpt", Key=export + "samples.png")["Body"].read()
+    assert png.startswith(b"\x89PNG")
+    report = json.loads(stack["s3"].get_object(Bucket="ckpt", Key=export + "report.json")["Body"].read())
+    rows = [(r["model"].split(" (")[0], r["steps"], r.get("stored", False)) for r in report["rows"]]
+    assert rows == [("teacher", 50, True), ("teacher", 2, False)] + [("student", s, False) for s in (1, 2, 4)]
+    assert all(0 <= r["overall"] <= 1 for r in report["rows"])
 
 
 def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):

@@ -106,6 +106,19 @@ SHAPES = {"dataset": "shapes"}
         ({"data": {**SHAPES, "prompt_file_uri": "ok/../../x.txt"}}, ["body", "data", "prompt_file_uri"], []),
         ({"data": {**SHAPES, "prompt_file_uri": "http://x/p.txt"}}, ["body", "data", "prompt_file_uri"], []),
         ({"data": SHAPES, "teacher": {"uri": "builtin:toy2d"}}, ["body"], ["builtin:toy2d", "data.dataset"]),
+        # shapes: the shipped teacher fits no other dataset; its network is not a DiT (no CP, no per-block AC)
+        ({"teacher": {"uri": "builtin:shapes"}}, ["body"], ["builtin:shapes", "'shapes'"]),
+        ({"teacher": {"uri": "builtin:dit"}}, ["body", "teacher", "uri"], ["builtin:dit", "builtin:shapes"]),
+        (
+            {"data": SHAPES, "resources": {"num_workers": 4, "fsdp_degree": 2, "cp_degree": 2, "use_gpu": True}},
+            ["body"],
+            ["resources.cp_degree=2", "'shapes'", "not a DiT"],
+        ),
+        ({"data": SHAPES, "resources": {"activation_checkpointing": "full"}}, ["body"], ["activation_checkpointing"]),
+        # evaluation settings
+        ({"eval": {"num_samples": 5}}, ["body", "eval", "num_samples"], []),
+        ({"eval": {"teacher_steps": [0, 4]}}, ["body", "eval", "teacher_steps"], ["[1, 1000]"]),
+        ({"eval": {"teacher_steps": []}}, ["body", "eval", "teacher_steps"], []),
     ],
 )
 def test_create_job_resources_and_data_422_name_the_fields(app_and_tokens, patch, loc, words):
@@ -123,7 +136,8 @@ def test_create_job_resources_and_data_422_name_the_fields(app_and_tokens, patch
         {"resources": {"num_workers": 4, "fsdp_degree": 4}, "schedule": {"steps": 10, "batch_size": 64}},
         {"data": {**SHAPES, "prompt_file_uri": "s3://ckpt/prompts/geneval.txt"}},
         {"data": {**SHAPES, "prompt_file_uri": "geneval/colors.txt"}},
-        {"data": SHAPES, "resources": {"num_workers": 4, "fsdp_degree": 2, "cp_degree": 2, "use_gpu": True}},
+        {"data": SHAPES, "teacher": {"uri": "builtin:shapes"}, "resources": {"num_workers": 2, "fsdp_degree": 2}},
+        {"data": SHAPES, "eval": {"num_samples": 16, "diversity_samples": 4, "teacher_steps": [4]}},
     ],
 )
 def test_create_job_accepts_multi_worker_and_prompt_files(app_and_tokens, patch):

@@ -43,20 +43,6 @@ def test_example_resources_convert(path):
     assert pconfig.activation_checkpoint == r["activation_checkpointing"]
 
 
-def _supports_prompt_files() -> bool:
-    """The rcm_core side of the prompt-file contract: data.dataset 'shapes' and data.prompt_file."""
-    from rcm_core.config import ConfigError, config_from_dict
-
-    try:
-        config_from_dict({"data": {"dataset": "shapes", "prompt_file": "p.txt"}})
-    except ConfigError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not _supports_prompt_files(), reason="rcm_core.config has no data.dataset 'shapes' / data.prompt_file yet"
-)
 def test_prompt_file_reaches_the_config():
     spec = JobCreate(
         name="p", teacher={"uri": "s3://ckpt/t.safetensors"}, data={"dataset": "shapes", "prompt_file_uri": "p.txt"}
@@ -97,3 +83,35 @@ def test_malformed_or_missing_prompt_file_is_a_readable_error(tmp_path, monkeypa
     spec["data"]["prompt_file_uri"] = "gone.txt"
     with pytest.raises(storage.PromptFileUnavailable, match="gone.txt: no such file"):
         check_inputs(spec)
+
+
+def test_shapes_spec_converts_on_the_shapes_preset_with_its_eval_defaults():
+    from rcm_core.config import shapes_rcm
+
+    spec = JobCreate(name="s", teacher={"uri": "builtin:shapes"}, data={"dataset": "shapes"}).model_dump(mode="json")
+    cfg = distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None)
+    assert cfg.task == "shapes" and cfg.model == shapes_rcm().model
+    assert (cfg.eval.num_samples, cfg.eval.teacher_steps, cfg.eval.student_steps) == (126, [4], [1, 2, 4])
+    spec["eval"] = {"num_samples": 16, "diversity_samples": 4, "teacher_steps": [2, 4]}
+    cfg = distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None)
+    assert (cfg.eval.num_samples, cfg.eval.diversity_samples, cfg.eval.teacher_steps) == (16, 4, [2, 4])
+
+
+def test_toy2d_spec_keeps_the_workers_eval_defaults():
+    spec = JobCreate(name="d", teacher={"uri": "builtin:toy2d"}).model_dump(mode="json")
+    del spec["eval"]  # a spec stored before the service had an eval section
+    cfg = distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None)
+    assert cfg.task == "toy2d" and (cfg.eval.num_samples, cfg.eval.teacher_steps) == (2000, [1, 4, 32])
+
+
+def test_stored_teacher_row_labels_the_shipped_teachers_gpu_evaluation():
+    from rcm_core.pipeline import SHIPPED_SHAPES_TEACHER
+    from rcm_core.teacher import read_teacher_meta
+    from workers.evaluation import stored_teacher_row
+
+    meta = read_teacher_meta(SHIPPED_SHAPES_TEACHER)
+    row = stored_teacher_row(meta, 2.0)
+    assert row["stored"] and row["steps"] == 50 and "CFG 2" in row["model"] and "H100" in row["model"]
+    assert row["overall"] == 0.94 and row["held_out"] == 0.826 and row["two_object"] == 0.833
+    assert "CFG 1.5" in stored_teacher_row(meta, 1.4)["model"]  # the nearest stored guidance scale
+    assert stored_teacher_row({"training": {}}, 2.0) is None
