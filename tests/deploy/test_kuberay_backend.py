@@ -64,8 +64,8 @@ SPECS = {
     **{p.stem: (p.name, {}) for p in EXAMPLES},
     "gpu-1": (gpu(1, 1), {}),
     "gpu-8": (gpu(8, 8), {}),
-    "gpu-12-uneven": (gpu(12, 4, 3), {}),
-    "gpu-64-fsdp-cp": (gpu(64, 16, 4), {}),
+    "gpu-16": (gpu(16, 16), {}),
+    "gpu-64": (gpu(64, 64), {}),
     "gpu-time-limit": (gpu(2, 2), {"time_limit_s": 3600}),
 }
 
