@@ -148,13 +148,17 @@ class RayCluster:
                     out.append({"step": int(manifest["step"]), "uri": f"s3://{bucket}/{obj['Key'].rsplit('/', 1)[0]}"})
         return sorted(out, key=lambda c: c["step"])
 
-    def healthy(self) -> dict[str, bool]:
-        checks = {}
-        for name, fn in (
+    def _probes(self) -> list[tuple[str, Any]]:
+        """(name, callable raising on failure) per dependency checked by /readyz; backends swap the first."""
+        return [
             ("ray", lambda: self.ray.get("/api/version").raise_for_status()),
             ("mlflow", lambda: self.mlflow.get("/health").raise_for_status()),
             ("s3", lambda: self.s3.head_bucket(Bucket=self.settings.CHECKPOINT_BUCKET)),
-        ):
+        ]
+
+    def healthy(self) -> dict[str, bool]:
+        checks = {}
+        for name, fn in self._probes():
             try:
                 fn()
                 checks[name] = True

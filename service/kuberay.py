@@ -349,16 +349,7 @@ class KubeRayCluster(RayCluster):
             if exc.status != 404:  # already gone is what we wanted
                 raise KubernetesUnavailable(f"Kubernetes API: {exc.status} {exc.reason}") from exc
 
-    def healthy(self) -> dict[str, bool]:
-        checks = {}
-        for name, fn in (
-            ("kubernetes", lambda: self._call("list_namespaced_custom_object", limit=1)),
-            ("mlflow", lambda: self.mlflow.get("/health").raise_for_status()),
-            ("s3", lambda: self.s3.head_bucket(Bucket=self.settings.CHECKPOINT_BUCKET)),
-        ):
-            try:
-                fn()
-                checks[name] = True
-            except Exception:  # noqa: BLE001  (readiness reports, never raises)
-                checks[name] = False
-        return checks
+    def _probes(self) -> list[tuple[str, Any]]:
+        """Kubernetes instead of the Ray Jobs API; MLflow and S3 as in RayCluster."""
+        probes = [p for p in super()._probes() if p[0] != "ray"]
+        return [("kubernetes", lambda: self._call("list_namespaced_custom_object", limit=1)), *probes]

@@ -58,48 +58,43 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-@torch.no_grad()
+def _chunked(model: FlowModel, batch_size: int, draw) -> Sampler:
+    """A Sampler that encodes the prompts in chunks and calls draw(cond, noise, n, seed) -> x0 under autocast."""
+    task, device = ShapesTask(), next(model.parameters()).device
+
+    @torch.no_grad()
+    def sample(prompts: list[Prompt], steps: int, seed: int) -> np.ndarray:
+        gen, out = torch.Generator().manual_seed(seed), []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            cond = {k: v.to(device) for k, v in task._encode([p.caption() for p in chunk]).items()}
+            noise = torch.randn((len(chunk), *task.sample_shape), generator=gen).to(device)
+            with _autocast(device):
+                out.append(to_uint8(draw(cond, noise, steps, seed + i)))
+        return np.concatenate(out)
+
+    return sample
+
+
 def teacher_sampler(model: FlowModel, guidance_scale: float, *, batch_size: int = 256) -> Sampler:
     """Euler (DDIM) sampling of the teacher with classifier-free guidance."""
-    task, device = ShapesTask(), next(model.parameters()).device
+    task = ShapesTask()
 
-    def sample(prompts: list[Prompt], steps: int, seed: int) -> np.ndarray:
-        gen, out = torch.Generator().manual_seed(seed), []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            cond = {k: v.to(device) for k, v in task._encode([p.caption() for p in chunk]).items()}
-            null = {k: v.to(device) for k, v in task.null_cond(len(chunk)).items()}
-            noise = torch.randn((len(chunk), *task.sample_shape), generator=gen).to(device)
-            with _autocast(device):
-                x0 = sample_euler(
-                    lambda x, t, c=cond, n=null: guided_f(model, x, t, c, n, guidance_scale), noise, steps
-                )
-            out.append(to_uint8(x0))
-        return np.concatenate(out)
+    def draw(cond, noise, steps, _seed):
+        null = {k: v.to(noise.device) for k, v in task.null_cond(len(noise)).items()}
+        return sample_euler(lambda x, t: guided_f(model, x, t, cond, null, guidance_scale), noise, steps)
 
-    return sample
+    return _chunked(model, batch_size, draw)
 
 
-@torch.no_grad()
 def student_sampler(model: FlowModel, *, batch_size: int = 256) -> Sampler:
     """Few-step consistency sampling of a student (guidance is distilled in: one network call per step)."""
-    task, device = ShapesTask(), next(model.parameters()).device
 
-    def sample(prompts: list[Prompt], steps: int, seed: int) -> np.ndarray:
-        gen, out = torch.Generator().manual_seed(seed), []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            cond = {k: v.to(device) for k, v in task._encode([p.caption() for p in chunk]).items()}
-            noise = torch.randn((len(chunk), *task.sample_shape), generator=gen).to(device)
-            dev_gen = torch.Generator(device=device).manual_seed(seed + i)
-            with _autocast(device):
-                x0 = sample_consistency(
-                    lambda x, t, c=cond: model(x, t, c), noise, student_times(steps), generator=dev_gen
-                )
-            out.append(to_uint8(x0))
-        return np.concatenate(out)
+    def draw(cond, noise, steps, seed):
+        gen = torch.Generator(device=noise.device).manual_seed(seed)
+        return sample_consistency(lambda x, t: model(x, t, cond), noise, student_times(steps), generator=gen)
 
-    return sample
+    return _chunked(model, batch_size, draw)
 
 
 def _sync() -> None:
