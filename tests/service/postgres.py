@@ -52,11 +52,6 @@ class PostgresServer:
         self._as = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
         if self._as:
             os.chown(self.root, NOBODY, NOBODY)
-            # The venv may sit under a directory `nobody` cannot traverse (a 0700 checkout, e.g. in mktemp -d):
-            # run a copy of the bundled installation from the server's own directory instead.
-            install = self.root / "pginstall"
-            shutil.copytree(self.bin.parent, install, symlinks=True)
-            self.bin = install / "bin"
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
