@@ -32,7 +32,7 @@ def print_reporter(kind: str, **f) -> None:
         extras = " ".join(f"{k}={f[k]:.4f}" for k in ("scm_loss", "dmd_loss", "fake_score_loss") if k in f)
         print(
             f"[distill] step {f['step']:>6}/{f['total']}  loss={f['loss']:.4f} {extras}  "
-            f"{1000 * f['step_seconds']:.0f} ms/step  eta {_fmt_eta(f['eta'])}",
+            f"{1000 * f.get('wall_seconds_per_step', f['step_seconds']):.0f} ms/step  eta {_fmt_eta(f['eta'])}",
             flush=True,
         )
     elif kind == "teacher_progress":
@@ -131,7 +131,9 @@ def cmd_sample(args) -> int:
 
     distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
     model = distiller.ema.model if args.ema else distiller.student
-    x = pipeline.sample_student(model, distiller.task, args.num_samples, args.steps, seed=args.seed)
+    x = pipeline.sample_student(
+        model, distiller.task, args.num_samples, args.steps, seed=args.seed, mid_times=cfg.eval.student_mid_times
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
@@ -156,7 +158,9 @@ def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_st
     task, n, seed = distiller.task, cfg.eval.num_samples, cfg.train.seed + 1000
     entries = [
         pipeline.teacher_entry(distiller.teacher, task, cfg.teacher.guidance_scale, teacher_steps, seed),
-        pipeline.student_entry("student (EMA)", distiller.ema.model, task, cfg.eval.student_steps, seed),
+        pipeline.student_entry(
+            "student (EMA)", distiller.ema.model, task, cfg.eval.student_steps, seed, cfg.eval.student_mid_times
+        ),
     ]
     rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
     report = save_report(rows, out_dir, extra={"step": distiller.step, "config": dataclasses.asdict(cfg)})
@@ -171,7 +175,11 @@ def _eval_shapes_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, tea
     w = cfg.teacher.guidance_scale
     entries = [
         (f"teacher (Euler, CFG {w:g})", ev.teacher_sampler(distiller.teacher, w), teacher_steps),
-        ("student (EMA)", ev.student_sampler(distiller.ema.model), cfg.eval.student_steps),
+        (
+            "student (EMA)",
+            ev.student_sampler(distiller.ema.model, mid_times=cfg.eval.student_mid_times),
+            cfg.eval.student_steps,
+        ),
     ]
     rows, images = ev.evaluate(
         entries, num_samples=cfg.eval.num_samples, diversity_k=cfg.eval.diversity_samples, seed=cfg.train.seed + 1000
@@ -217,6 +225,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _mid_times(value: str) -> list[float]:
+    from rcm_core.config import check_mid_times
+
+    try:
+        times = [float(v) for v in value.split(",")]
+        check_mid_times(times)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r}: {err}") from None
+    return times
+
+
 def cmd_bench(args) -> int:
     if args.task == "shapes":
         from rcm_core.benchmarks.shapes import run_shapes_benchmark
@@ -235,6 +254,8 @@ def cmd_bench(args) -> int:
             num_samples=args.num_samples,
             diversity_k=args.diversity_samples,
             teacher_steps=args.teacher_steps,
+            mid_times=args.student_mid_times,
+            weights=args.weights,
         )
         print(table)
         print("[bench] saved " + ", ".join(map(str, files)))
@@ -309,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--teacher-steps", type=lambda v: [int(x) for x in v.split(",")], default=[50, 4], help="shapes: e.g. 50,4"
     )
+    b.add_argument(
+        "--student-mid-times",
+        action="append",
+        type=_mid_times,
+        metavar="T1,T2,T3",
+        help="shapes: the students' intermediate sampling times (default: each run's eval.student_mid_times); "
+        "repeat to compare schedules",
+    )
+    b.add_argument("--weights", choices=["ema", "raw"], default="ema", help="shapes: EMA (default) or raw student")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every student run")
     b.set_defaults(func=cmd_bench)
     return p

@@ -136,16 +136,31 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
 
 
+def check_mid_times(mid_times) -> None:
+    """Raise ValueError unless `mid_times` are strictly decreasing TrigFlow times in (0.2, pi/2)."""
+    values = [float(v) for v in mid_times]
+    if not values or any(not 0.2 < v < _HALF_PI for v in values):
+        raise ValueError(f"student mid times must be in (0.2, pi/2), got {values}")
+    if any(a <= b for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"student mid times must be strictly decreasing, got {values}")
+
+
+_HALF_PI = 1.5707963267948966
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
     num_samples: int = 4000  # samples per evaluated sampler
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # student sampling steps
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 32])  # teacher Euler steps
     diversity_samples: int = 32  # shapes: samples per diversity prompt
+    # intermediate times of the student's few-step sampler (n steps: pi/2 then the first n - 1 of these)
+    student_mid_times: list[float] = field(default_factory=lambda: [1.5, 1.4, 1.0])
 
     def __post_init__(self) -> None:
         if self.num_samples < 10 or not self.student_steps or min(self.student_steps + self.teacher_steps) < 1:
             raise ValueError("num_samples must be >= 10 and every step count >= 1")
+        check_mid_times(self.student_mid_times)
 
 
 @dataclass(kw_only=True)
@@ -194,7 +209,14 @@ def shapes_rcm() -> DistillConfig:
         loss=LossConfig(tangent_warmup_steps=100, critic_ratio=2),
         optim=OptimConfig(lr=1e-4, fake_lr=2e-4),
         train=TrainConfig(steps=30, batch_size=8, log_every=5, checkpoint_every=10, output_dir="runs/shapes-rcm"),
-        eval=EvalConfig(num_samples=126, student_steps=[1, 2, 4], teacher_steps=[4], diversity_samples=8),
+        # lower intermediate times than the 2-D default suit 32x32 images (H200 sweep, README "Shapes")
+        eval=EvalConfig(
+            num_samples=126,
+            student_steps=[1, 2, 4],
+            teacher_steps=[4],
+            diversity_samples=8,
+            student_mid_times=[1.1, 0.8, 0.5],
+        ),
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +36,32 @@ from rcm_core.ema import PowerFunctionEMA
 from rcm_core.losses.dmd import dmd_loss, fake_score_loss, rollout, rollout_times
 from rcm_core.losses.scm import scm_loss, tangent_warmup
 from rcm_core.models.flow import FlowModel, guided_f
+
+
+class StepMetrics(Mapping[str, float]):
+    """One step's metrics, read from the device only when looked at.
+
+    The losses keep their metrics as device tensors, so a step queues its kernels without waiting for the GPU;
+    a training loop that logs every N steps pays one host sync per log line instead of several per step.
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor | float]):
+        self._values = values
+
+    def __getitem__(self, key: str) -> float:
+        value = self._values[key]
+        if isinstance(value, torch.Tensor):
+            value = self._values[key] = float(value.item())
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"StepMetrics({dict(self)!r})"
 
 
 class Distiller(Stateful):
@@ -108,7 +134,7 @@ class Distiller(Stateful):
         gen = self.generator
         return trigflow.sample_uniform_rf_time(b, lc.dmd_s_min, lc.dmd_s_max, generator=gen, device=gen.device)
 
-    def _critic_step(self) -> dict[str, float]:
+    def _critic_step(self) -> dict[str, torch.Tensor]:
         assert self.fake is not None and self.fake_opt is not None
         b, gen = self.config.train.batch_size, self.generator
         cond = self.task.sample_cond(b, generator=gen)
@@ -121,12 +147,16 @@ class Distiller(Stateful):
         return metrics
 
     # ------------------------------------------------------------------------------------------ step
-    def train_step(self) -> dict[str, float]:
-        """One student update (preceded by `critic_ratio` fake-score updates when DMD is on)."""
+    def train_step(self) -> StepMetrics:
+        """One student update (preceded by `critic_ratio` fake-score updates when DMD is on).
+
+        Returns the step's metrics; reading one waits for the GPU (see StepMetrics), so read them only to log.
+        `step_seconds` is host time, which is the step's time once the GPU keeps up (or on a CPU).
+        """
         cfg, gen = self.config, self.generator
         lc, b = cfg.loss, cfg.train.batch_size
         start = time.perf_counter()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor | float] = {}
 
         def amp():
             return torch.autocast(self.generator.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -146,14 +176,14 @@ class Distiller(Stateful):
         self._set_lr()
         if cfg.optim.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
-            metrics["grad_norm"] = gnorm.item()
+            metrics["grad_norm"] = gnorm
         self.opt.step()
         self.ema.update(self.student)
         self.step += 1
-        metrics.update({"loss": total.item(), "step_seconds": time.perf_counter() - start})
-        return metrics
+        metrics.update({"loss": total.detach(), "step_seconds": time.perf_counter() - start})
+        return StepMetrics(metrics)
 
-    def _student_losses(self, x0, cond, total: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+    def _student_losses(self, x0, cond, total: torch.Tensor, metrics: dict) -> torch.Tensor:
         """lambda-weighted L_sCM + L_DMD of the student on (x0, cond)."""
         lc, gen, b = self.config.loss, self.generator, self.config.train.batch_size
         if lc.scm_weight > 0:

@@ -46,8 +46,10 @@ class PowerFunctionEMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         beta = self.beta()
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - beta)
+        averaged, current = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if len(averaged) != len(current):
+            raise ValueError(f"EMA holds {len(averaged)} parameters, the model has {len(current)}")
+        torch._foreach_lerp_(averaged, current, 1.0 - beta)  # one fused launch per dtype/device group
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

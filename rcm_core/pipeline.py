@@ -24,7 +24,7 @@ from rcm_core.data.toy2d import Toy2DTask
 from rcm_core.distill import Distiller
 from rcm_core.eval.toy2d import toy2d_metrics
 from rcm_core.models.flow import FlowModel, guided_f
-from rcm_core.sampling import sample_consistency, sample_euler, student_times
+from rcm_core.sampling import DEFAULT_MID_TIMES, sample_consistency, sample_euler, student_times
 from rcm_core.teacher import load_toy2d_teacher, save_teacher, train_toy2d_teacher
 
 Reporter = Callable[..., None]
@@ -144,6 +144,7 @@ def distill(cfg: DistillConfig, *, resume: bool = True, reporter: Reporter = _qu
         reporter("resumed", step=distiller.step, path=str(latest))
     extra = {"teacher_path": str(teacher_path)}
     start, first = time.perf_counter(), distiller.step
+    last_log = (start, first)
     while distiller.step < cfg.train.steps:
         metrics = distiller.train_step()
         step = distiller.step
@@ -152,8 +153,19 @@ def distill(cfg: DistillConfig, *, resume: bool = True, reporter: Reporter = _qu
             reporter("time_limit", step=step, path=str(path))
             break
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            rate = (step - first) / max(time.perf_counter() - start, 1e-9)
-            reporter("step", step=step, total=cfg.train.steps, eta=(cfg.train.steps - step) / rate, **metrics)
+            now = time.perf_counter()
+            rate = (step - first) / max(now - start, 1e-9)
+            # wall time since the last line (reading the metrics waits for the device, so this includes GPU time)
+            wall = (now - last_log[0]) / max(step - last_log[1], 1)
+            last_log = (now, step)
+            reporter(
+                "step",
+                step=step,
+                total=cfg.train.steps,
+                eta=(cfg.train.steps - step) / rate,
+                wall_seconds_per_step=wall,
+                **metrics,
+            )
         every = cfg.train.checkpoint_every
         if (every and step % every == 0) or step == cfg.train.steps:
             path = save_checkpoint(distiller, ckpt_root, step, extra=extra)
@@ -190,11 +202,14 @@ def load_student(checkpoint_dir: Path) -> tuple[Distiller, DistillConfig, dict]:
 
 
 @torch.no_grad()
-def sample_student(model: FlowModel, task: Toy2DTask, n: int, steps: int, *, seed: int) -> torch.Tensor:
+def sample_student(
+    model: FlowModel, task: Toy2DTask, n: int, steps: int, *, seed: int, mid_times=DEFAULT_MID_TIMES
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     cond = task.sample_cond(n, generator=gen)
     noise = torch.randn(n, 2, generator=gen)
-    return sample_consistency(lambda x, t: model(x, t, cond), noise, student_times(steps), generator=gen)
+    times = student_times(steps, mid_times)
+    return sample_consistency(lambda x, t: model(x, t, cond), noise, times, generator=gen)
 
 
 @torch.no_grad()
@@ -231,5 +246,7 @@ def teacher_entry(teacher: FlowModel, task: Toy2DTask, guidance: float, steps: l
     return ("teacher (Euler)", lambda n, s: sample_teacher(teacher, task, n, s, guidance, seed=seed), steps)
 
 
-def student_entry(name: str, model: FlowModel, task: Toy2DTask, steps: list[int], seed: int):
-    return (name, lambda n, s: sample_student(model, task, n, s, seed=seed), steps)
+def student_entry(
+    name: str, model: FlowModel, task: Toy2DTask, steps: list[int], seed: int, mid_times=DEFAULT_MID_TIMES
+):
+    return (name, lambda n, s: sample_student(model, task, n, s, seed=seed, mid_times=mid_times), steps)

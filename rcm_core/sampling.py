@@ -8,24 +8,28 @@ from collections.abc import Callable
 import torch
 
 from rcm_core import trigflow
+from rcm_core.config import check_mid_times
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> F
 
-DEFAULT_STUDENT_TIMES = (math.pi / 2, 1.5, 1.4, 1.0)  # rCM's 4-step schedule; fewer steps take a prefix
+DEFAULT_MID_TIMES = (1.5, 1.4, 1.0)  # intermediate times of the 4-step schedule; fewer steps take a prefix
+DEFAULT_STUDENT_TIMES = (math.pi / 2, *DEFAULT_MID_TIMES)
 
 
-def student_times(num_steps: int) -> list[float]:
-    """Sampling times for `num_steps` student steps: a prefix of pi/2 -> 1.5 -> 1.4 -> 1.0.
+def student_times(num_steps: int, mid_times: tuple[float, ...] | list[float] = DEFAULT_MID_TIMES) -> list[float]:
+    """Sampling times for `num_steps` student steps: pi/2 followed by a prefix of `mid_times` (decreasing).
 
-    Beyond 4 steps the schedule continues evenly spaced in t from 1.0 down to 0.2.
+    The intermediate times are an inference choice of the few-step sampler (the consistency function is defined
+    at every t); beyond len(mid_times) + 1 steps the schedule continues evenly from the last one down to 0.2.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if num_steps <= len(DEFAULT_STUDENT_TIMES):
-        return list(DEFAULT_STUDENT_TIMES[:num_steps])
-    extra = num_steps - len(DEFAULT_STUDENT_TIMES)
-    tail = [1.0 - 0.8 * (i + 1) / extra for i in range(extra)]
-    return list(DEFAULT_STUDENT_TIMES) + tail
+    check_mid_times(mid_times)
+    times = [math.pi / 2, *mid_times]
+    if num_steps <= len(times):
+        return times[:num_steps]
+    extra, last = num_steps - len(times), times[-1]
+    return times + [last - (last - 0.2) * (i + 1) / extra for i in range(extra)]
 
 
 @torch.no_grad()

@@ -37,13 +37,13 @@ def periodic(cfg: DistillConfig, student: FlowModel, task, path: Path) -> dict[s
     if cfg.task == "shapes":
         from rcm_core.eval import shapes as ev
 
-        entries = [("student (EMA)", ev.student_sampler(student), [1, 4])]
+        entries = [("student (EMA)", ev.student_sampler(student, mid_times=cfg.eval.student_mid_times), [1, 4])]
         rows, images = ev.evaluate(entries, num_samples=n, diversity_k=cfg.eval.diversity_samples, seed=seed)
         ev.image_grid(images, path)
         return _metrics(rows, SHAPES_METRICS)
     from rcm_core.eval.toy2d import scatter_grid
 
-    entries = [pipeline.student_entry("student (EMA)", student, task, [1, 4], seed)]
+    entries = [pipeline.student_entry("student (EMA)", student, task, [1, 4], seed, cfg.eval.student_mid_times)]
     rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
     scatter_grid(list(samples.items()), path, columns=2)
     return _metrics(rows, TOY2D_METRICS)
@@ -64,7 +64,7 @@ def final_report(
 
         entries = [
             (f"teacher (Euler, CFG {w:g})", ev.teacher_sampler(teacher, w), e.teacher_steps),
-            ("student (EMA)", ev.student_sampler(student), e.student_steps),
+            ("student (EMA)", ev.student_sampler(student, mid_times=e.student_mid_times), e.student_steps),
         ]
         rows, images = ev.evaluate(entries, num_samples=e.num_samples, diversity_k=e.diversity_samples, seed=seed)
         ev.image_grid(images, out / "samples.png")
@@ -75,7 +75,7 @@ def final_report(
 
     entries = [
         pipeline.teacher_entry(teacher, task, w, e.teacher_steps, seed),
-        pipeline.student_entry("student (EMA)", student, task, e.student_steps, seed),
+        pipeline.student_entry("student (EMA)", student, task, e.student_steps, seed, e.student_mid_times),
     ]
     rows, samples = pipeline.evaluate_rows(entries, task, e.num_samples, seed)
     scatter_grid(list(samples.items()), out / "samples.png")

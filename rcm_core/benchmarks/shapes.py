@@ -27,7 +27,11 @@ def run_shapes_benchmark(
     diversity_k: int = 32,
     teacher_steps: list[int] | None = None,
     seed: int = 1000,
+    mid_times: list[list[float]] | None = None,
+    weights: str = "ema",
 ) -> tuple[str, list[Path]]:
+    """Evaluate the teacher and every run's latest student; `mid_times` (one or more schedules) overrides each
+    run's eval.student_mid_times, one row group per schedule; `weights` picks the EMA or the raw student."""
     from rcm_core import pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,12 +48,22 @@ def run_shapes_benchmark(
             w = cfg.teacher.guidance_scale
             teacher = distiller.teacher.to(device)
             entries.append((f"teacher (Euler, CFG {w:g})", ev.teacher_sampler(teacher, w), teacher_steps or [50, 4]))
-        entries.append((name, ev.student_sampler(distiller.ema.model.to(device)), [1, 2, 4]))
+        model = (distiller.ema.model if weights == "ema" else distiller.student).to(device).eval()
+        schedules = mid_times or [cfg.eval.student_mid_times]
+        for times in schedules:
+            label = name if len(schedules) == 1 else f"{name} (t={','.join(f'{v:g}' for v in times)})"
+            entries.append((label, ev.student_sampler(model, mid_times=times), [1, 2, 4]))
     rows, images = ev.evaluate(entries, num_samples=num_samples, diversity_k=diversity_k, seed=seed)
     table = ev.format_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    extra = {"device": device_name, "student_steps_trained": steps_done, "num_samples": num_samples}
+    extra = {
+        "device": device_name,
+        "student_steps_trained": steps_done,
+        "num_samples": num_samples,
+        "weights": weights,
+        "student_mid_times": mid_times or "per run (eval.student_mid_times)",
+    }
     files = [
         ev.save_report(rows, out, extra=extra),
         ev.image_grid(images, out / "grid.png"),

@@ -40,7 +40,11 @@ def run_toy2d_benchmark(out: Path, *, overrides: list[str], reporter=pipeline._q
     ]
     labels = {"toy2d-scm": "sCM-only", "toy2d-dmd": "DMD-only", "toy2d-rcm": "rCM"}
     for name, d in students.items():
-        entries.append(pipeline.student_entry(f"{labels[name]} (EMA)", d.ema.model, task, cfg.eval.student_steps, seed))
+        entries.append(
+            pipeline.student_entry(
+                f"{labels[name]} (EMA)", d.ema.model, task, cfg.eval.student_steps, seed, cfg.eval.student_mid_times
+            )
+        )
     rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
     table = format_table(rows)
     meta = {

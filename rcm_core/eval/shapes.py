@@ -23,7 +23,7 @@ from rcm_core.data.shapes import Prompt, ShapesTask, all_prompts, parse_caption,
 from rcm_core.eval.diversity import diversity_report
 from rcm_core.eval.geneval import score
 from rcm_core.models.flow import FlowModel, guided_f
-from rcm_core.sampling import sample_consistency, sample_euler, student_times
+from rcm_core.sampling import DEFAULT_MID_TIMES, sample_consistency, sample_euler, student_times
 
 # One prompt per category that leaves position, size and (where unnamed) colour free.
 DIVERSITY_PROMPTS = (
@@ -87,12 +87,13 @@ def teacher_sampler(model: FlowModel, guidance_scale: float, *, batch_size: int 
     return _chunked(model, batch_size, draw)
 
 
-def student_sampler(model: FlowModel, *, batch_size: int = 256) -> Sampler:
+def student_sampler(model: FlowModel, *, batch_size: int = 256, mid_times=DEFAULT_MID_TIMES) -> Sampler:
     """Few-step consistency sampling of a student (guidance is distilled in: one network call per step)."""
 
     def draw(cond, noise, steps, seed):
         gen = torch.Generator(device=noise.device).manual_seed(seed)
-        return sample_consistency(lambda x, t: model(x, t, cond), noise, student_times(steps), generator=gen)
+        times = student_times(steps, mid_times)
+        return sample_consistency(lambda x, t: model(x, t, cond), noise, times, generator=gen)
 
     return _chunked(model, batch_size, draw)
 

@@ -6,7 +6,8 @@ rCM (arXiv 2510.08431, Sec. 3: L_rCM = L_sCM + lambda * L_DMD, rollout with grad
 Generator: for a student sample G = x0_student, noise it to x_t, compare the fake score's and the CFG
 teacher's denoised estimates and push G along
     grad = (x0_fake - x0_teacher_cfg) / mean|x0_student - x0_teacher_cfg|,
-through the surrogate loss ||G - stopgrad(G - grad)||^2 (its gradient in G is 2 * grad).
+through the surrogate loss ||G - stopgrad(G - grad)||^2, summed over a sample's elements like L_sCM (its
+gradient in G is 2 * grad / batch size).
 Critic: the fake score learns the student's distribution by flow matching on detached student samples.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from rcm_core import trigflow
 from rcm_core.config import LossConfig
+from rcm_core.losses.scm import per_sample_sum
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> F
 
@@ -66,7 +68,7 @@ def dmd_loss(
     *,
     t: torch.Tensor,
     eps: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_DMD for student samples (with graph) at noise levels t (B,); teacher_fn applies CFG."""
     with torch.no_grad():
         x_t = trigflow.add_noise(x0_student.detach(), eps, t)
@@ -77,15 +79,15 @@ def dmd_loss(
         norm = (x0_student.detach() - x0_teacher).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
         grad = (x0_fake - x0_teacher) / norm
         target = x0_student.detach() - grad
-    loss = (x0_student - target).square().mean()
-    return loss, {"dmd_loss": loss.item(), "dmd_grad_rms": grad.square().mean().sqrt().item()}
+    loss = per_sample_sum((x0_student - target).square()).mean()
+    return loss, {"dmd_loss": loss.detach(), "dmd_grad_rms": grad.float().square().mean().sqrt()}
 
 
 def fake_score_loss(
     fake: nn.Module, x0_student: torch.Tensor, cond, *, t: torch.Tensor, eps: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Flow matching of the fake score on detached student samples: ||F_fake(x_t) - (cos t eps - sin t x0)||^2."""
     x0 = x0_student.detach()
     x_t = trigflow.add_noise(x0, eps, t)
     loss = (fake(x_t, t, cond) - trigflow.target_f(x0, eps, t)).square().mean()
-    return loss, {"fake_score_loss": loss.item()}
+    return loss, {"fake_score_loss": loss.detach()}

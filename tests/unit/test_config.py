@@ -34,6 +34,8 @@ def test_yaml_preset_and_override(tmp_path):
         ({"eval": {"student_steps": [1, "x"]}}, "eval.student_steps[1]: expected an integer"),
         ({"optim": {"lr": -1.0}}, "optim: lr and fake_lr must be > 0"),
         ({"teacher": {"path": 3}}, "teacher.path: expected a string"),
+        ({"eval": {"student_mid_times": [1.0, 1.1]}}, "eval: student mid times must be strictly decreasing"),
+        ({"eval": {"student_mid_times": [1.6]}}, "eval: student mid times must be in (0.2, pi/2)"),
     ],
 )
 def test_bad_config_names_the_key(data, fragment):
@@ -78,6 +80,13 @@ def test_cli_missing_file_and_bad_flag_exit_2(tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "--steps" in res.stderr
     res = _rcm("eval", "--checkpoint", str(tmp_path))
     assert res.returncode == 2 and "neither a checkpoint" in res.stderr
+
+
+def test_cli_bad_student_mid_times_exit_2_with_one_line(tmp_path):
+    res = _rcm("bench", "shapes", "--run", f"a={tmp_path}", "--student-mid-times", "1.1,1.3")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "--student-mid-times" in lines[0], res.stderr
+    assert "strictly decreasing" in lines[0] and "Traceback" not in res.stderr
 
 
 def test_cli_help_lists_commands():

@@ -50,6 +50,17 @@ def test_student_times_are_prefixes():
         student_times(0)
 
 
+def test_student_times_take_custom_mid_times():
+    assert student_times(2, (1.1, 0.8, 0.5)) == [math.pi / 2, 1.1]
+    assert student_times(4, [1.1, 0.8, 0.5]) == [math.pi / 2, 1.1, 0.8, 0.5]
+    t6 = student_times(6, (1.1, 0.8, 0.5))
+    assert t6[:4] == [math.pi / 2, 1.1, 0.8, 0.5] and t6[-1] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(t6, t6[1:], strict=False))
+    for bad in ((1.0, 1.2), (1.7,), (0.1,), ()):
+        with pytest.raises(ValueError):
+            student_times(2, bad)
+
+
 def test_perfect_consistency_function_samples_the_data_point():
     """If f(x_t, t) = x0 for every t, any number of steps returns x0."""
     x0 = torch.tensor([[0.5, -1.0]]).repeat(16, 1)

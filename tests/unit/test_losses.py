@@ -91,14 +91,15 @@ def test_tangent_warmup_ramp_and_normalisation():
     assert tangent_warmup(0, 100) == 0.0 and tangent_warmup(50, 100) == 0.5 and tangent_warmup(500, 100) == 1.0
     assert tangent_warmup(0, 0) == 1.0
     g = torch.randn(8, 3, 4, 4) * 10
-    g_hat, rms = normalize_tangent(g, c=0.1)
-    expected = g.flatten(1).square().mean(1).sqrt()
-    torch.testing.assert_close(rms, expected)
-    assert (g_hat.flatten(1).square().mean(1).sqrt() < 1).all()
+    g_hat, norm = normalize_tangent(g, c=0.1)
+    expected = g.flatten(1).square().sum(1).sqrt()  # the plain L2 norm over C, H, W (as the published rCM)
+    torch.testing.assert_close(norm, expected)
+    torch.testing.assert_close(g_hat, g / (expected + 0.1)[:, None, None, None])
+    assert (g_hat.flatten(1).norm(dim=1) < 1).all()
 
 
 def test_scm_loss_gradient_follows_the_normalised_tangent():
-    """At theta = theta_minus the gradient of the loss in F_theta is -2 g_hat / numel."""
+    """At theta = theta_minus the loss is the per-sample sum of g_hat^2, averaged over the batch."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2).double()
     student = lambda x, t, cond: lin(torch.cat([x, t[:, None]], 1))  # noqa: E731
@@ -106,13 +107,13 @@ def test_scm_loss_gradient_follows_the_normalised_tangent():
     t = torch.rand(8, dtype=torch.float64) + 0.2
     cfg = LossConfig()
     loss, metrics = scm_loss(student, _teacher_velocity, x0, None, t=t, eps=eps, r=1.0, config=cfg)
-    assert loss.requires_grad and metrics["scm_loss"] == pytest.approx(loss.item())
+    assert loss.requires_grad and metrics["scm_loss"].item() == pytest.approx(loss.item())
     x_t = trigflow.add_noise(x0, eps, t)
     f_minus, df = student_time_derivative(
         lambda x, tt: student(x, tt, None), x_t, t, _teacher_velocity(x_t, t), mode="exact", fd_step=1e-4
     )
     g_hat, _ = normalize_tangent(scm_tangent(x_t, t, f_minus, _teacher_velocity(x_t, t), df, 1.0), 0.1)
-    torch.testing.assert_close(loss, g_hat.square().mean())
+    torch.testing.assert_close(loss, g_hat.square().sum(1).mean())
 
 
 def test_dmd_gradient_in_sample_space():
@@ -127,7 +128,31 @@ def test_dmd_gradient_in_sample_space():
     x_t = trigflow.add_noise(x0.detach(), eps, t)
     x0_fake, x0_teacher = trigflow.x0_from_f(x_t, fake(x_t, t), t), trigflow.x0_from_f(x_t, teacher(x_t, t), t)
     grad = (x0_fake - x0_teacher) / (x0.detach() - x0_teacher).abs().mean(1, keepdim=True)
-    torch.testing.assert_close(x0.grad, 2 * grad / x0.numel())
+    torch.testing.assert_close(x0.grad, 2 * grad / len(x0))  # summed over a sample, averaged over the batch
+
+
+def _balance(numel: int) -> float:
+    """||dL_DMD/dx|| / ||dL_sCM/dF|| per sample at theta = theta_minus, for samples of `numel` elements."""
+    gen = torch.Generator().manual_seed(numel)
+    b = 16
+    x0, eps = torch.randn(b, numel, generator=gen), torch.randn(b, numel, generator=gen)
+    t = torch.full((b,), 0.8, dtype=torch.float64)
+    param = torch.zeros(b, numel, requires_grad=True)  # F_theta = param: dF/dtheta = identity
+    student = lambda x, tt, cond: param + 0 * x  # noqa: E731
+    loss, _ = scm_loss(student, lambda x, tt: 0.5 * x, x0, None, t=t, eps=eps, r=1.0, config=LossConfig())
+    (g_scm,) = torch.autograd.grad(loss, param)
+    x_student = torch.randn(b, numel, generator=gen, requires_grad=True)
+    teacher, fake = (lambda x, tt: 0.5 * x), (lambda x, tt: -0.3 * x)  # noqa: E731
+    loss, _ = dmd_loss(x_student, teacher, fake, t=t, eps=torch.randn(b, numel, generator=gen))
+    (g_dmd,) = torch.autograd.grad(loss, x_student)
+    return (g_dmd.norm(dim=1) / g_scm.norm(dim=1)).mean().item()
+
+
+def test_dmd_weight_balance_grows_with_sqrt_numel_as_in_the_paper():
+    """Published rCM scaling: the sCM gradient per sample has norm ~2 (L2-normalised tangent), DMD's grows with
+    sqrt(N) (entries O(1), summed over N), so lambda = 0.01 weighs DMD more on larger inputs."""
+    small, large = _balance(64), _balance(4096)
+    assert 6.0 < large / small < 10.0  # sqrt(4096 / 64) = 8
 
 
 def test_dmd_pushes_samples_towards_the_teacher():

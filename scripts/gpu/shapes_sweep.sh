@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Several shapes distillations side by side on one GPU, then one `rcm bench shapes` over all of them.
+#   VARIANTS: one "label|config|overrides" per line (overrides: space-separated KEY=VALUE for --set)
+#   MINUTES (training time each), BATCH, OUT, RUNS, NUM_SAMPLES, BENCH_EXTRA (e.g. --student-mid-times 1.3,1.0,0.6)
+#   RESUME=1: continue each run from its latest checkpoint (a schedule longer than one sitting), and with
+#   RESUME=required stop at once if a run has no checkpoint; SKIP_BENCH=1: train only (a later sitting benchmarks).
+# Every run uses the GPU schedule's common settings below; a variant's overrides come last and win.
+set -euo pipefail
+OUT=${OUT:-runs/gpu-sweep}; MINUTES=${MINUTES:-6}; RUNS=${RUNS:-runs/gpu-sweep-runs}; BATCH=${BATCH:-128}
+mkdir -p "$OUT" "$RUNS"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi -L || true
+VARIANTS=${VARIANTS:-"rCM|configs/shapes-rcm.yaml|
+sCM|configs/shapes-scm.yaml|
+DMD|configs/shapes-dmd.yaml|"}
+pids=(); labels=(); dirs=()
+while IFS='|' read -r label config overrides; do
+  [ -n "$label" ] || continue
+  dir="$RUNS/$label"; sets=(); resume=(--no-resume)
+  if [ -n "${RESUME:-}" ]; then
+    resume=()
+    if [ "$RESUME" = required ] && ! ls -d "$dir"/checkpoints/step-* > /dev/null 2>&1; then
+      echo "[sweep] RESUME=required but $dir has no checkpoint" >&2; exit 3
+    fi
+  fi
+  for kv in $overrides; do sets+=(--set "$kv"); done
+  python3 -m rcm_core.cli distill "$config" "${resume[@]}" --no-eval \
+    --set train.steps=100000 --set train.max_minutes="$MINUTES" --set train.batch_size="$BATCH" \
+    --set train.log_every=100 --set train.checkpoint_every=0 --set loss.tangent_warmup_steps=200 \
+    --set data.pool_size=200000 --set train.output_dir="$dir" "${sets[@]}" >> "$OUT/distill-$label.log" 2>&1 &
+  pids+=($!); labels+=("$label"); dirs+=("$dir")
+  echo "[sweep] started $label: $config $overrides"
+done <<< "$VARIANTS"
+fail=0; for p in "${pids[@]}"; do wait "$p" || fail=1; done
+for l in "${labels[@]}"; do echo "== $l"; tail -n 3 "$OUT/distill-$l.log"; done
+[ "$fail" = 0 ] || { echo "a distillation run failed" >&2; exit 1; }
+[ -z "${SKIP_BENCH:-}" ] || exit 0
+runs=(); for i in "${!labels[@]}"; do runs+=(--run "${labels[$i]}=${dirs[$i]}"); done
+python3 -m rcm_core.cli bench shapes "${runs[@]}" \
+  --out "$OUT" --num-samples "${NUM_SAMPLES:-1008}" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench.log"
