@@ -8,6 +8,7 @@ rollouts of up to 4 steps. The worker turns the same dict into rcm_core dataclas
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from enum import StrEnum
 from typing import Any, Literal
@@ -153,12 +154,31 @@ class EvalSpec(_Strict):
         description="teacher Euler steps in the final report; default [1, 4, 32] (2-D) or [4] (shapes: CFG doubles "
         "the cost; the shipped teacher's stored GPU evaluation at 50 steps is added to the report)",
     )
+    student_mid_times: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=8,
+        description="intermediate TrigFlow times of the student's few-step sampler (n steps: pi/2, then the first "
+        "n - 1 of these), strictly decreasing in (0.2, pi/2); default [1.5, 1.4, 1.0] (2-D) or [1.1, 0.8, 0.5] "
+        "(shapes)",
+    )
 
     @field_validator("teacher_steps")
     @classmethod
     def _steps(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and not all(1 <= s <= 1000 for s in v):
             raise ValueError("every step count must be in [1, 1000]")
+        return v
+
+    @field_validator("student_mid_times")
+    @classmethod
+    def _mid_times(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not all(0.2 < t < math.pi / 2 for t in v):
+            raise ValueError("every time must be in (0.2, pi/2)")
+        if any(a <= b for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("times must be strictly decreasing")
         return v
 
 

@@ -68,6 +68,7 @@ def distill_config_from_spec(
                 "teacher_steps": e["teacher_steps"],
                 "student_steps": [1, 2, 4],
                 "diversity_samples": e.get("diversity_samples", 8),
+                **({"student_mid_times": e["student_mid_times"]} if e.get("student_mid_times") else {}),
             },
         },
         base=shapes_rcm() if task == "shapes" else toy2d_rcm(),  # the preset supplies what the spec does not set

@@ -95,6 +95,13 @@ def test_shapes_spec_converts_on_the_shapes_preset_with_its_eval_defaults():
     spec["eval"] = {"num_samples": 16, "diversity_samples": 4, "teacher_steps": [2, 4]}
     cfg = distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None)
     assert (cfg.eval.num_samples, cfg.eval.diversity_samples, cfg.eval.teacher_steps) == (16, 4, [2, 4])
+    assert cfg.eval.student_mid_times == shapes_rcm().eval.student_mid_times == [1.1, 0.8, 0.5]
+    spec["eval"]["student_mid_times"] = [1.3, 1.0, 0.6]
+    assert distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None).eval.student_mid_times == [
+        1.3,
+        1.0,
+        0.6,
+    ]
 
 
 def test_toy2d_spec_keeps_the_workers_eval_defaults():
