@@ -24,6 +24,7 @@ from torch import nn
 from rcm_core import pipeline
 from rcm_core.checkpoint import load_checkpoint, save_checkpoint
 from rcm_core.distill import Distiller
+from rcm_core.eval import report_json
 from rcm_core.models.flow import FlowModel
 from workers import distributed, evaluation, storage
 from workers.entrypoint import BUILTIN_SHAPES
@@ -164,7 +165,7 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, cfg, job_i
     )
     teacher = FlowModel(teacher_net, distiller.teacher.parameterization).eval()
     rows, metrics = evaluation.final_report(cfg, teacher, ema, distiller.task, meta, out)
-    (out / "report.json").write_text(json.dumps({"rows": rows, "step": distiller.step}, indent=2))
+    (out / "report.json").write_text(report_json({"rows": rows, "step": distiller.step}))
     bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
     for f in out.iterdir():
         storage.upload(f, f"s3://{bucket}/jobs/{job_id}/export/{f.name}")

@@ -10,7 +10,6 @@ One row per (model, sampling steps):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from rcm_core.data.shapes import Prompt, ShapesTask, all_prompts, parse_caption, to_uint8
+from rcm_core.eval import report_json
 from rcm_core.eval.diversity import diversity_report
 from rcm_core.eval.geneval import score
 from rcm_core.models.flow import FlowModel, guided_f
@@ -140,16 +140,20 @@ def evaluate(
     return rows, images
 
 
+def _cell(value, digits: int) -> str:
+    """A table cell: '-' for a metric that was not measured (None or NaN)."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
 def format_table(rows: list[dict]) -> str:
     cats = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
     head = "| model | steps | score | " + " | ".join(cats) + " | held-out | diversity | recall | ms / image |"
     lines = [head, "|---|---:|" + "---:|" * (len(cats) + 5)]
     for r in rows:
-        cells = [f"{r.get(c, math.nan):.2f}" for c in cats]
-        lines.append(
-            f"| {r['model']} | {r['steps']} | {r['overall']:.3f} | " + " | ".join(cells) + f" | {r['held_out']:.2f} | "
-            f"{r['diversity']:.2f} | {r['recall']:.2f} | {r['ms_per_image']:.2f} |"
-        )
+        cells = [_cell(r.get(c), 2) for c in cats]
+        tail = [_cell(r.get(c), 2) for c in ("held_out", "diversity", "recall", "ms_per_image")]
+        head_cells = f"| {r['model']} | {r['steps']} | {_cell(r.get('overall'), 3)} | "
+        lines.append(head_cells + " | ".join(cells + tail) + " |")
     return "\n".join(lines)
 
 
@@ -174,5 +178,5 @@ def image_grid(panels: dict[str, np.ndarray], path: Path, *, columns: int = 8, s
 def save_report(rows: list[dict], out_dir: Path, *, extra: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.json"
-    path.write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    path.write_text(report_json({"rows": rows, **(extra or {})}))
     return path

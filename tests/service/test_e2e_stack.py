@@ -201,10 +201,15 @@ def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
     export = f"jobs/{job['id']}/export/"
     png = stack["s3"].get_object(Bucket="ckpt", Key=export + "samples.png")["Body"].read()
     assert png.startswith(b"\x89PNG")
-    report = json.loads(stack["s3"].get_object(Bucket="ckpt", Key=export + "report.json")["Body"].read())
+    body = stack["s3"].get_object(Bucket="ckpt", Key=export + "report.json")["Body"].read()
+    report = json.loads(body, parse_constant=_reject_non_json)  # strict JSON: the stored row has unmeasured cells
     rows = [(r["model"].split(" (")[0], r["steps"], r.get("stored", False)) for r in report["rows"]]
     assert rows == [("teacher", 50, True), ("teacher", 2, False)] + [("student", s, False) for s in (1, 2, 4)]
     assert all(0 <= r["overall"] <= 1 for r in report["rows"])
+
+
+def _reject_non_json(name: str):
+    raise AssertionError(f"report.json holds {name}, which is not JSON")
 
 
 def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):
