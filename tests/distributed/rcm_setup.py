@@ -81,7 +81,7 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def record_step(d: Distiller) -> dict:
     """One train_step: its metrics and the student's and fake score's gradients (after clipping)."""
-    metrics = d.train_step()
+    metrics = dict(d.train_step())  # reads every metric from the device
     metrics.pop("step_seconds")
     return {"metrics": metrics, "student_grads": grads(d.student), "fake_grads": grads(d.fake)}
 
