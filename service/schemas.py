@@ -133,6 +133,14 @@ class ScheduleSpec(_Strict):
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(500, ge=1, description="steps between evaluations (metrics + sample grid in MLflow)")
     seed: int = 0
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        le=8640,
+        description="training-time budget in minutes (across worker recoveries): once spent, the job checkpoints, "
+        "exports the student and SUCCEEDS with fewer than `steps` steps (MLflow metric time_limit_reached = 1); "
+        "default: none. At most 6 days, under a KubeRay deployment's default 7-day activeDeadlineSeconds",
+    )
 
 
 class EvalSpec(_Strict):

@@ -61,6 +61,7 @@ def distill_config_from_spec(
                 "seed": s["seed"],
                 "log_every": s["log_every"],
                 "checkpoint_every": s["checkpoint_every"],
+                "max_minutes": s.get("max_minutes") or 0.0,  # absent from specs stored before the field existed
                 "output_dir": output_dir,
             },
             "eval": {

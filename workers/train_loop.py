@@ -32,19 +32,24 @@ from workers.spec import distill_config_from_spec, parallel_config_from_spec
 from workers.tracking import RunLogger
 
 
-def _resume(distiller) -> int:
-    """Load the latest Ray Train checkpoint if any; returns the recovery count carried in its manifest."""
+def _resume(distiller) -> tuple[int, float]:
+    """Load the latest Ray Train checkpoint if any.
+
+    Returns:
+        (recovery count, training seconds spent before that checkpoint), both carried in its manifest.
+    """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0
+        return 0, 0.0
     with ckpt.as_directory() as d:
         manifest = load_checkpoint(distiller, Path(d))
-    return int(manifest.get("recovery_count", 0)) + 1
+    return int(manifest.get("recovery_count", 0)) + 1, float(manifest.get("train_seconds", 0.0))
 
 
-def _report_checkpoint(distiller, metrics: dict[str, float], recovery_count: int) -> None:
+def _report_checkpoint(distiller, metrics: dict[str, float], recovery_count: int, train_seconds: float) -> None:
+    extra = {"recovery_count": recovery_count, "train_seconds": train_seconds}
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(distiller, Path(tmp), distiller.step, extra={"recovery_count": recovery_count})
+        path = save_checkpoint(distiller, Path(tmp), distiller.step, extra=extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
 
 
@@ -84,31 +89,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job_id, spec = config["job_id"], config["spec"]
     workdir = Path(tempfile.mkdtemp(prefix=f"rcm-{job_id[:8]}-"))
     cfg, teacher_net, meta, distiller, device = _build(config, workdir)
-    recovery_count = _resume(distiller)
+    recovery_count, trained_before = _resume(distiller)
     rank0 = distributed.rank() == 0
     log = RunLogger(os.environ.get("RCM_MLFLOW_RUN_ID") if rank0 else None)
     if distiller.step == 0:
         log.params({"job_id": job_id, **_flatten(spec)})
     log.metrics({"recovery_count": recovery_count, "step": distiller.step}, step=distiller.step)
+    # schedule.max_minutes: a training-time budget across recoveries (time spent before a failure counts up to
+    # its last checkpoint); checked at log steps, then the job checkpoints and exports as if it had finished.
+    budget = 60 * cfg.train.max_minutes
 
     start, first = time.perf_counter(), distiller.step
     while distiller.step < cfg.train.steps:
         metrics = distiller.train_step()
         step = distiller.step
-        cancel = False
+        cancel = out_of_time = False
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rate = (step - first) / max(time.perf_counter() - start, 1e-9)
             if rank0:
                 log.metrics({**metrics, **_system_metrics(), "step": step, "steps_per_second": rate}, step=step)
             # every rank must leave the loop at the same step: rank 0 reads the marker, the others follow it
             cancel = distributed.rank0_decides(rank0 and storage.cancel_requested(job_id), device)
-        if step % spec["schedule"]["eval_every"] == 0 and step < cfg.train.steps:
+            if budget and not cancel:
+                spent = trained_before + time.perf_counter() - start
+                out_of_time = distributed.rank0_decides(rank0 and spent >= budget, device)
+        if step % spec["schedule"]["eval_every"] == 0 and step < cfg.train.steps and not out_of_time:
             _evaluate(distiller, teacher_net, cfg, log, workdir)
-        if cancel or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count)
+        if cancel or out_of_time or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            spent = trained_before + time.perf_counter() - start
+            _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count, spent)
         if cancel:
             log.metrics({"cancelled": 1.0}, step=step)
             return
+        if out_of_time:
+            log.metrics({"time_limit_reached": 1.0}, step=step)
+            break
     _export(distiller, teacher_net, meta, cfg, job_id, log)
 
 

@@ -143,6 +143,23 @@ def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
     assert httpx.post(f"{API}/v1/jobs/{job['id']}/cancel", headers=_h(other)).status_code == 404
 
 
+def test_time_budget_stops_training_and_still_exports(stack):
+    """schedule.max_minutes: the job stops at the first log step past its budget, checkpoints, exports, SUCCEEDS."""
+    tok = stack["tokens"]["a"]
+    spec = _spec("e2e-budget", 1_000_000, checkpoint_every=1_000_000, eval_every=1_000_000, max_minutes=0.1)
+    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
+    assert r.status_code == 202, r.text
+    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED")
+    ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
+    last = ckpts[-1]["step"]
+    assert 0 < last < 1_000_000 and last % 5 == 0  # stopped at a log step, long before `steps`
+    run_id, run = _mlflow_run(job)
+    assert {m["key"]: m["value"] for m in run["data"]["metrics"]}.get("time_limit_reached") == 1.0
+    export = f"jobs/{job['id']}/export/"
+    body = stack["s3"].get_object(Bucket="ckpt", Key=export + "report.json")["Body"].read()
+    assert json.loads(body, parse_constant=_reject_non_json)["step"] == last
+
+
 @pytest.mark.parametrize("uri", ["s3://ckpt/teachers/missing.safetensors", "s3://ckpt/teachers/garbage.safetensors"])
 def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
     stack["s3"].put_object(Bucket="ckpt", Key="teachers/garbage.safetensors", Body=b"not a safetensors file")

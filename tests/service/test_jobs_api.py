@@ -119,6 +119,8 @@ SHAPES = {"dataset": "shapes"}
         ({"eval": {"num_samples": 5}}, ["body", "eval", "num_samples"], []),
         ({"eval": {"teacher_steps": [0, 4]}}, ["body", "eval", "teacher_steps"], ["[1, 1000]"]),
         ({"eval": {"teacher_steps": []}}, ["body", "eval", "teacher_steps"], []),
+        ({"schedule": {"max_minutes": 0}}, ["body", "schedule", "max_minutes"], []),
+        ({"schedule": {"max_minutes": 9000}}, ["body", "schedule", "max_minutes"], []),
         ({"eval": {"student_mid_times": [1.0, 1.2]}}, ["body", "eval", "student_mid_times"], ["decreasing"]),
         ({"eval": {"student_mid_times": [1.7]}}, ["body", "eval", "student_mid_times"], ["(0.2, pi/2)"]),
     ],

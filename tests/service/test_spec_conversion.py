@@ -104,6 +104,15 @@ def test_shapes_spec_converts_on_the_shapes_preset_with_its_eval_defaults():
     ]
 
 
+def test_schedule_max_minutes_becomes_the_training_time_budget():
+    spec = JobCreate(name="s", teacher={"uri": "builtin:toy2d"}).model_dump(mode="json")
+    assert distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None).train.max_minutes == 0.0
+    spec["schedule"]["max_minutes"] = 2.5
+    assert distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None).train.max_minutes == 2.5
+    del spec["schedule"]["max_minutes"]  # a spec stored before the field existed
+    assert distill_config_from_spec(spec, output_dir="runs/x", teacher_path=None).train.max_minutes == 0.0
+
+
 def test_toy2d_spec_keeps_the_workers_eval_defaults():
     spec = JobCreate(name="d", teacher={"uri": "builtin:toy2d"}).model_dump(mode="json")
     del spec["eval"]  # a spec stored before the service had an eval section
