@@ -62,7 +62,7 @@ def main() -> int:
         return 1
     report = json.loads(s3.get_object(Bucket="ckpt", Key=f"jobs/{job['id']}/export/report.json")["Body"].read())
     print(format_table(report["rows"]))
-    print("demo: 'stored' = the teacher's own evaluation from its file (GPU, 50 Euler steps); nan = not measured")
+    print("demo: 'stored' = the teacher's own evaluation from its file (GPU, 50 Euler steps); - = not measured")
     print(f"demo: MLflow run   {job['mlflow_run_url']}")
     print(f"demo: API docs     {env['API_URL']}/docs   (token: {stack.DATA / 'demo-token'})")
     print(f"demo: checkpoints  {[c['uri'] for c in client.checkpoints(job['id'])][-1]}")
