@@ -260,6 +260,8 @@ def cmd_bench(args) -> int:
         print(table)
         print("[bench] saved " + ", ".join(map(str, files)))
         return 0
+    if args.run or args.student_mid_times or args.weights != "ema":
+        raise ConfigError("bench toy2d: --run, --student-mid-times and --weights apply to bench shapes only")
     from rcm_core.benchmarks.toy2d import run_toy2d_benchmark
 
     table, files = run_toy2d_benchmark(Path(args.out), overrides=args.set or [], reporter=print_reporter)

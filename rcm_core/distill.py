@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from rcm_core import trigflow
 from rcm_core.config import DistillConfig
@@ -41,8 +42,9 @@ from rcm_core.models.flow import FlowModel, guided_f
 class StepMetrics(Mapping[str, float]):
     """One step's metrics, read from the device only when looked at.
 
-    The losses keep their metrics as device tensors, so a step queues its kernels without waiting for the GPU;
-    a training loop that logs every N steps pays one host sync per log line instead of several per step.
+    The losses keep their metrics as device tensors, so reading metrics costs one host sync per log line
+    instead of several per step. (A step still syncs where it needs a host value: the rollout's step count is
+    drawn from the device generator.)
     """
 
     def __init__(self, values: dict[str, torch.Tensor | float]):
@@ -56,6 +58,9 @@ class StepMetrics(Mapping[str, float]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
+
+    def __contains__(self, key: object) -> bool:  # without reading the value (Mapping's default would)
+        return key in self._values
 
     def __len__(self) -> int:
         return len(self._values)
@@ -176,7 +181,9 @@ class Distiller(Stateful):
         self._set_lr()
         if cfg.optim.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
-            metrics["grad_norm"] = gnorm
+            # a sharded student's norm is a DTensor: make it a plain tensor on every rank now, so that reading it
+            # later on rank 0 alone can never start a collective the other ranks do not join
+            metrics["grad_norm"] = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
         self.opt.step()
         self.ema.update(self.student)
         self.step += 1

@@ -137,7 +137,8 @@ class ScheduleSpec(_Strict):
         None,
         gt=0,
         le=8640,
-        description="training-time budget in minutes (across worker recoveries): once spent, the job checkpoints, "
+        description="training-time budget in minutes (wall-clock of the training loop, periodic evaluations and "
+        "checkpoint uploads included, summed across worker recoveries): once spent, the job checkpoints, "
         "exports the student and SUCCEEDS with fewer than `steps` steps (MLflow metric time_limit_reached = 1); "
         "default: none. At most 6 days, under a KubeRay deployment's default 7-day activeDeadlineSeconds",
     )

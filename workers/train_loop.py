@@ -97,10 +97,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log.metrics({"recovery_count": recovery_count, "step": distiller.step}, step=distiller.step)
     # schedule.max_minutes: a training-time budget across recoveries (time spent before a failure counts up to
     # its last checkpoint); checked at log steps, then the job checkpoints and exports as if it had finished.
+    # "Training time" is the loop's wall-clock: periodic evaluations and checkpoint uploads count too.
     budget = 60 * cfg.train.max_minutes
+    # a recovery after the budget was spent (e.g. a crash during the export) goes straight to the export
+    spent_already = bool(budget) and distributed.rank0_decides(rank0 and trained_before >= budget, device)
 
     start, first = time.perf_counter(), distiller.step
-    while distiller.step < cfg.train.steps:
+    while distiller.step < cfg.train.steps and not spent_already:
         metrics = distiller.train_step()
         step = distiller.step
         cancel = out_of_time = False

@@ -3,7 +3,8 @@
     rcm bench shapes --run rCM=runs/shapes-rcm --run sCM=runs/shapes-scm --run DMD=runs/shapes-dmd --out DIR
 
 Each run directory holds a distillation of the same teacher (`rcm distill configs/shapes-*.yaml`); its latest
-checkpoint's EMA student is evaluated. The teacher is evaluated at its default sampler (50 Euler steps with its
+checkpoint's EMA student is evaluated (`--weights raw`: the raw student, rows labelled "(raw)").
+The teacher is evaluated at its default sampler (50 Euler steps with its
 distilled CFG scale) and at 4 steps. Writes DIR/table.md, DIR/report.json and DIR/grid.png (one row per model
 and step count, same prompts and seeds).
 """
@@ -51,7 +52,9 @@ def run_shapes_benchmark(
         model = (distiller.ema.model if weights == "ema" else distiller.student).to(device).eval()
         schedules = mid_times or [cfg.eval.student_mid_times]
         for times in schedules:
-            label = name if len(schedules) == 1 else f"{name} (t={','.join(f'{v:g}' for v in times)})"
+            label = name if weights == "ema" else f"{name} (raw)"
+            if len(schedules) > 1:
+                label += f" (t={','.join(f'{v:g}' for v in times)})"
             entries.append((label, ev.student_sampler(model, mid_times=times), [1, 2, 4]))
     rows, images = ev.evaluate(entries, num_samples=num_samples, diversity_k=diversity_k, seed=seed)
     table = ev.format_table(rows)

@@ -8,7 +8,6 @@ weights differ (sCM-only: lambda = 0; DMD-only: sCM weight 0).
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ import torch
 
 from rcm_core import pipeline
 from rcm_core.config import PRESETS, apply_overrides
+from rcm_core.eval import report_json
 from rcm_core.eval.toy2d import format_table, scatter_grid
 
 
@@ -54,7 +54,7 @@ def run_toy2d_benchmark(out: Path, *, overrides: list[str], reporter=pipeline._q
         "overrides": overrides,
         "config_rcm": dataclasses.asdict(cfg),
     }
-    (out / "report.json").write_text(json.dumps({"rows": rows, **meta}, indent=2) + "\n")
+    (out / "report.json").write_text(report_json({"rows": rows, **meta}))
     (out / "table.md").write_text(table + "\n")
     grid = scatter_grid(list(samples.items()), out / "samples.png", columns=len(cfg.eval.student_steps) + 2)
     return table, [out / "report.json", out / "table.md", grid]

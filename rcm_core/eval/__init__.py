@@ -8,12 +8,15 @@ from typing import Any
 
 
 def report_json(obj: Any) -> str:
-    """Strict JSON of a report: NaN / inf (a metric that was not measured) become null, never bare `NaN`,
-    which json.dumps writes by default and strict parsers (browsers, jq, MLflow's UI) reject."""
+    """Strict JSON of a report (json.dumps writes bare NaN / Infinity, which strict parsers such as browsers, jq
+    and MLflow's UI reject): NaN, a metric that was not measured, becomes null; +-inf, a measured divergence
+    (e.g. the 2-D sliced W2 of a sampler that blew up), becomes the string "inf" / "-inf"."""
 
     def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
+        if isinstance(v, float) and math.isnan(v):
             return None
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
         if isinstance(v, list | tuple):

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from rcm_core.data.toy2d import Toy2DTask
+from rcm_core.eval import report_json
 
 METRICS = ("mode_coverage", "precision", "sliced_w2")
 
@@ -55,7 +55,7 @@ def format_table(rows: list[dict]) -> str:
 def save_report(rows: list[dict], out_dir: Path, *, extra: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.json"
-    path.write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    path.write_text(report_json({"rows": rows, **(extra or {})}))
     return path
 
 
