@@ -190,14 +190,20 @@ def toy2d_rcm() -> DistillConfig:
     return DistillConfig()
 
 
-def toy2d_scm() -> DistillConfig:
-    cfg = toy2d_rcm()
+def _scm_only(cfg: DistillConfig) -> DistillConfig:
     return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, dmd_weight=0.0))
 
 
-def toy2d_dmd() -> DistillConfig:
-    cfg = toy2d_rcm()
+def _dmd_only(cfg: DistillConfig) -> DistillConfig:
     return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, scm_weight=0.0, dmd_weight=1.0))
+
+
+def toy2d_scm() -> DistillConfig:
+    return _scm_only(toy2d_rcm())
+
+
+def toy2d_dmd() -> DistillConfig:
+    return _dmd_only(toy2d_rcm())
 
 
 def shapes_rcm() -> DistillConfig:
@@ -224,13 +230,11 @@ def shapes_rcm() -> DistillConfig:
 
 
 def shapes_scm() -> DistillConfig:
-    cfg = shapes_rcm()
-    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, dmd_weight=0.0))
+    return _scm_only(shapes_rcm())
 
 
 def shapes_dmd() -> DistillConfig:
-    cfg = shapes_rcm()
-    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, scm_weight=0.0, dmd_weight=1.0))
+    return _dmd_only(shapes_rcm())
 
 
 PRESETS = {

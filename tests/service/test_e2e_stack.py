@@ -110,14 +110,30 @@ def _mlflow_run(job):
     return run_id, httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
 
 
-def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
-    tok = stack["tokens"]["a"]
-    r = httpx.post(f"{API}/v1/jobs", json=_spec("e2e-ok", 60, eval_every=30), headers=_h(tok))
-    assert r.status_code == 202
-    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED")
-    assert job["step"] == 60 and "loss" in job["metrics"]
+def _succeed(token, spec, timeout=240):
+    """Submit `spec`, wait for SUCCEEDED; returns (job, MLflow run id, run), the run FINISHED."""
+    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(token))
+    assert r.status_code == 202, r.text
+    job = _wait(token, r.json()["id"], lambda j: j["state"] == "SUCCEEDED", timeout=timeout)
     run_id, run = _mlflow_run(job)
     assert run["info"]["status"] == "FINISHED"
+    return job, run_id, run
+
+
+def _export_report(stack, job) -> dict:
+    """The job's exported report.json, parsed as strict JSON (no NaN / Infinity constants)."""
+    body = stack["s3"].get_object(Bucket="ckpt", Key=f"jobs/{job['id']}/export/report.json")["Body"].read()
+    return json.loads(body, parse_constant=_reject_non_json)
+
+
+def _reject_non_json(name: str):
+    raise AssertionError(f"report.json holds {name}, which is not JSON")
+
+
+def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
+    tok = stack["tokens"]["a"]
+    job, run_id, run = _succeed(tok, _spec("e2e-ok", 60, eval_every=30))
+    assert job["step"] == 60 and "loss" in job["metrics"]
     metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"loss", "scm_loss", "dmd_loss", "step", "eval/1step/mode_coverage"} <= metrics
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -147,17 +163,12 @@ def test_time_budget_stops_training_and_still_exports(stack):
     """schedule.max_minutes: the job stops at the first log step past its budget, checkpoints, exports, SUCCEEDS."""
     tok = stack["tokens"]["a"]
     spec = _spec("e2e-budget", 1_000_000, checkpoint_every=1_000_000, eval_every=1_000_000, max_minutes=0.1)
-    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
-    assert r.status_code == 202, r.text
-    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED")
+    job, _, run = _succeed(tok, spec)
     ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
     last = ckpts[-1]["step"]
     assert 0 < last < 1_000_000 and last % 5 == 0  # stopped at a log step, long before `steps`
-    run_id, run = _mlflow_run(job)
     assert {m["key"]: m["value"] for m in run["data"]["metrics"]}.get("time_limit_reached") == 1.0
-    export = f"jobs/{job['id']}/export/"
-    body = stack["s3"].get_object(Bucket="ckpt", Key=export + "report.json")["Body"].read()
-    assert json.loads(body, parse_constant=_reject_non_json)["step"] == last
+    assert _export_report(stack, job)["step"] == last
 
 
 @pytest.mark.parametrize("uri", ["s3://ckpt/teachers/missing.safetensors", "s3://ckpt/teachers/garbage.safetensors"])
@@ -201,12 +212,8 @@ def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
         "schedule": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "eval_every": 2},
         "eval": {"num_samples": 10, "diversity_samples": 2, "teacher_steps": [2]},
     }
-    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
-    assert r.status_code == 202, r.text
-    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED", timeout=400)
+    job, run_id, run = _succeed(tok, spec, timeout=400)
     assert job["step"] == 4 and "loss" in job["metrics"]
-    run_id, run = _mlflow_run(job)
-    assert run["info"]["status"] == "FINISHED"
     metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"loss", "scm_loss", "dmd_loss", "eval/1step/overall", "eval/4step/diversity"} <= metrics
     arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
@@ -218,15 +225,10 @@ def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
     export = f"jobs/{job['id']}/export/"
     png = stack["s3"].get_object(Bucket="ckpt", Key=export + "samples.png")["Body"].read()
     assert png.startswith(b"\x89PNG")
-    body = stack["s3"].get_object(Bucket="ckpt", Key=export + "report.json")["Body"].read()
-    report = json.loads(body, parse_constant=_reject_non_json)  # strict JSON: the stored row has unmeasured cells
+    report = _export_report(stack, job)  # strict JSON: the stored teacher row has unmeasured cells
     rows = [(r["model"].split(" (")[0], r["steps"], r.get("stored", False)) for r in report["rows"]]
     assert rows == [("teacher", 50, True), ("teacher", 2, False)] + [("student", s, False) for s in (1, 2, 4)]
     assert all(0 <= r["overall"] <= 1 for r in report["rows"])
-
-
-def _reject_non_json(name: str):
-    raise AssertionError(f"report.json holds {name}, which is not JSON")
 
 
 def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):
@@ -235,12 +237,8 @@ def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):
         **_spec("e2e-2workers", 20, checkpoint_every=10, eval_every=10),
         "resources": {"num_workers": 2, "fsdp_degree": 2},
     }
-    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
-    assert r.status_code == 202, r.text
-    job = _wait(tok, r.json()["id"], lambda j: j["state"] == "SUCCEEDED", timeout=300)
+    job, run_id, run = _succeed(tok, spec, timeout=300)
     assert job["step"] == 20 and "loss" in job["metrics"]
-    run_id, run = _mlflow_run(job)
-    assert run["info"]["status"] == "FINISHED"
     assert {"loss", "dmd_loss", "eval/1step/mode_coverage"} <= {m["key"] for m in run["data"]["metrics"]}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["resources.num_workers"] == "2" and params["resources.fsdp_degree"] == "2"

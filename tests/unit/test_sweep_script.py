@@ -2,12 +2,9 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu" / "shapes_sweep.sh"
@@ -27,7 +24,6 @@ def _sweep(tmp_path, **env):
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env={**base, **env}, capture_output=True, text=True)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_sweep_trains_resumes_and_benchmarks(tmp_path):
     refused = _sweep(tmp_path, RESUME="required")
     assert refused.returncode == 3 and "no complete checkpoint" in refused.stderr
