@@ -94,3 +94,24 @@ def test_cli_help_lists_commands():
     assert res.returncode == 0
     for cmd in ("distill", "sample", "eval", "teacher", "demo", "bench"):
         assert cmd in res.stdout
+
+
+def test_shapes_gpu_schedules_hold_the_measured_settings_and_refuse_without_cuda():
+    """configs/shapes-*-gpu.yaml are the README's documented longer schedule: the settings of the measured runs."""
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).parents[2]
+    rcm, dmd = (load_config(root / f"configs/shapes-{m}-gpu.yaml") for m in ("rcm", "dmd"))
+    for cfg in (rcm, dmd):
+        assert (cfg.train.steps, cfg.train.batch_size, cfg.train.device) == (2100, 128, "cuda")
+        assert (cfg.optim.lr, cfg.loss.critic_ratio) == (1e-4, 2)
+        assert cfg.data.pool_size == 200000 and cfg.teacher.guidance_scale == 2.0
+    assert (rcm.loss.scm_weight, rcm.loss.dmd_weight, rcm.loss.tangent_warmup_steps) == (1.0, 0.26, 200)
+    assert (dmd.loss.scm_weight, dmd.loss.dmd_weight) == (0.0, 1.0)
+    if torch.cuda.is_available():
+        return
+    res = _rcm("distill", "configs/shapes-rcm-gpu.yaml", cwd=root)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["rcm: error: train.device: cuda requested but no CUDA device is available"]
