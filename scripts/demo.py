@@ -63,6 +63,8 @@ def main() -> int:
     report = json.loads(s3.get_object(Bucket="ckpt", Key=f"jobs/{job['id']}/export/report.json")["Body"].read())
     print(format_table(report["rows"]))
     print("demo: 'stored' = the teacher's own evaluation from its file (GPU, 50 Euler steps); - = not measured")
+    print("demo: a 10-step CPU smoke run; the schedule that reaches the targets needs a GPU (~16 min on an H200):")
+    print("demo:   rcm distill configs/shapes-rcm-gpu.yaml   (README, 'The shapes text-to-image benchmark')")
     print(f"demo: MLflow run   {job['mlflow_run_url']}")
     print(f"demo: API docs     {env['API_URL']}/docs   (token: {stack.DATA / 'demo-token'})")
     print(f"demo: checkpoints  {[c['uri'] for c in client.checkpoints(job['id'])][-1]}")

@@ -114,4 +114,5 @@ def test_shapes_gpu_schedules_hold_the_measured_settings_and_refuse_without_cuda
         return
     res = _rcm("distill", "configs/shapes-rcm-gpu.yaml", cwd=root)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["rcm: error: train.device: cuda requested but no CUDA device is available"]
+    expected = "rcm: error: train.device: cuda requested but no CUDA device is available"
+    assert res.stderr.strip().splitlines() == [expected]
