@@ -21,6 +21,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return n
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -131,10 +141,15 @@ def cmd_sample(args) -> int:
 
     distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
     model = distiller.ema.model if args.ema else distiller.student
-    x = pipeline.sample_student(
-        model, distiller.task, args.num_samples, args.steps, seed=args.seed, mid_times=cfg.eval.student_mid_times
-    )
     out = Path(args.out)
+    if cfg.task == "shapes":
+        return _sample_shapes(model, cfg, args, out)
+    if args.prompt:
+        raise ConfigError("--prompt: only a shapes (text-to-image) checkpoint takes prompts; this one is 2-D")
+    n = args.num_samples or 1000
+    x = pipeline.sample_student(
+        model, distiller.task, n, args.steps, seed=args.seed, mid_times=cfg.eval.student_mid_times
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         from rcm_core.eval.toy2d import scatter_grid
@@ -144,7 +159,34 @@ def cmd_sample(args) -> int:
         out.write_text("x,y\n" + "".join(f"{a:.6f},{b:.6f}\n" for a, b in x.tolist()))
     else:
         torch.save(x, out)
-    print(f"[sample] {args.num_samples} samples, {args.steps} step(s) -> {out}")
+    print(f"[sample] {n} samples, {args.steps} step(s) -> {out}")
+    return 0
+
+
+def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
+    """Images of a text-to-image student: `num_samples` per prompt (seeds seed, seed+1, ...), one grid row each."""
+    import torch
+
+    from rcm_core.data.shapes import parse_caption
+    from rcm_core.eval import shapes as ev
+
+    if out.suffix not in (".png", ".pt"):
+        raise ConfigError(f"--out: a shapes checkpoint writes .png (grid) or .pt (uint8 images), got {out.name!r}")
+    try:
+        prompts = [parse_caption(c) for c in (args.prompt or ev.GRID_PROMPTS)]
+    except ValueError as e:
+        raise ConfigError(f"--prompt: {e}") from None
+    n = args.num_samples or 8
+    sampler = ev.student_sampler(model, mid_times=cfg.eval.student_mid_times)
+    images = sampler([p for p in prompts for _ in range(n)], args.steps, args.seed)
+    captions = [p.caption() for p in prompts]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        rows = {f"{c} ({args.steps}-step)": images[i * n : (i + 1) * n] for i, c in enumerate(captions)}
+        ev.image_grid(rows, out, columns=min(n, 16))
+    else:
+        torch.save({"images": torch.from_numpy(images), "captions": [c for c in captions for _ in range(n)]}, out)
+    print(f"[sample] {n} image(s) for each of {len(prompts)} prompt(s), {args.steps} step(s) -> {out}")
     return 0
 
 
@@ -304,17 +346,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step-N) or run dir (latest)")
-    s.add_argument("--steps", type=int, default=4, help="student sampling steps")
-    s.add_argument("--num-samples", type=int, default=1000)
+    s.add_argument("--steps", type=_positive_int, default=4, help="student sampling steps")
+    s.add_argument(
+        "--num-samples", type=_positive_int, help="2-D: points (default 1000); shapes: images per prompt (default 8)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights")
-    s.add_argument("--out", required=True, help=".png (scatter), .csv, or .pt (tensor)")
+    s.add_argument(
+        "--prompt",
+        action="append",
+        metavar="CAPTION",
+        help="shapes only, repeatable: a caption of the grammar (default: the benchmark grid's 8 prompts)",
+    )
+    s.add_argument(
+        "--out",
+        required=True,
+        help="2-D: .png (scatter), .csv or .pt (tensor); shapes: .png (one row per prompt, up to 16 shown) or .pt",
+    )
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint against its teacher: JSON report + PNG grid")
     e.add_argument("--checkpoint", required=True, help="checkpoint dir (step-N) or run dir (latest)")
     e.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")], help="student steps, e.g. 1,2,4")
-    e.add_argument("--num-samples", type=int)
+    e.add_argument("--num-samples", type=_positive_int)
     e.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
     e.set_defaults(func=cmd_eval)
 

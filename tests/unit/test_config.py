@@ -78,6 +78,10 @@ def test_cli_missing_file_and_bad_flag_exit_2(tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no such file" in res.stderr
     res = _rcm("sample", "--steps", "two", "--checkpoint", "x", "--out", "y.png")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "--steps" in res.stderr
+    for flag, value in (("--steps", "0"), ("--num-samples", "-3")):
+        res = _rcm("sample", flag, value, "--checkpoint", "x", "--out", "y.png")
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and f"{flag}: must be an integer >= 1" in lines[0]
     res = _rcm("eval", "--checkpoint", str(tmp_path))
     assert res.returncode == 2 and "neither a checkpoint" in res.stderr
 

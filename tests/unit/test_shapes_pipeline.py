@@ -155,6 +155,33 @@ def test_cli_distills_evaluates_and_benchmarks_the_shapes_teacher(tmp_path):
     table = (bench / "table.md").read_text()
     assert (bench / "grid.png").is_file() and "| rCM | 4 |" in table and "| teacher (Euler, CFG 2) | 2 |" in table
 
+    # rcm sample: images for given prompts (.pt: uint8 images + captions, same seed -> same images), a grid (.png)
+    prompts = ["a photo of a red circle", "A photo of two  squares"]
+    args = ["sample", "--checkpoint", str(run), "--steps", "2", "--num-samples", "3", "--prompt", prompts[0]]
+    args += ["--prompt", prompts[1]]
+    res = _rcm(*args, "--out", str(tmp_path / "s.pt"))
+    assert res.returncode == 0, res.stderr
+    saved = torch.load(tmp_path / "s.pt")
+    assert saved["images"].shape == (6, 32, 32, 3) and saved["images"].dtype == torch.uint8
+    assert saved["captions"] == ["a photo of a red circle"] * 3 + ["a photo of two squares"] * 3
+    assert saved["images"].float().std() > 0  # not a blank tensor
+    res = _rcm(*args, "--out", str(tmp_path / "s.png"))
+    assert res.returncode == 0, res.stderr
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "s.png")
+    assert grid.size[1] == 2 * (32 * 3 + 4)  # one row per prompt
+    again = _rcm(*args, "--out", str(tmp_path / "again.pt"))
+    assert again.returncode == 0 and torch.equal(torch.load(tmp_path / "again.pt")["images"], saved["images"])
+    for bad, field in (
+        (["--prompt", "a photo of a purple hexagon", "--out", str(tmp_path / "x.png")], "--prompt"),
+        (["--out", str(tmp_path / "x.csv")], "--out"),
+    ):
+        res = _rcm("sample", "--checkpoint", str(run), *bad)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and field in lines[0] and "Traceback" not in res.stderr
+        assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.csv").exists()
+
 
 def test_bench_shapes_bad_run_is_one_line_exit_2(tmp_path):
     res = _rcm("bench", "shapes", "--run", f"rCM={tmp_path / 'nope'}")
