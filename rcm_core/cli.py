@@ -31,6 +31,11 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _step_list(value: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; every entry an integer >= 1."""
+    return [_positive_int(v) for v in value.split(",")]
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -164,7 +169,11 @@ def cmd_sample(args) -> int:
 
 
 def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
-    """Images of a text-to-image student: `num_samples` per prompt (seeds seed, seed+1, ...), one grid row each."""
+    """Images of a text-to-image student: `num_samples` per prompt, one grid row each.
+
+    Each prompt is sampled on its own from `seed`, so its images do not depend on the other prompts or their order.
+    """
+    import numpy as np
     import torch
 
     from rcm_core.data.shapes import parse_caption
@@ -178,7 +187,7 @@ def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
         raise ConfigError(f"--prompt: {e}") from None
     n = args.num_samples or 8
     sampler = ev.student_sampler(model, mid_times=cfg.eval.student_mid_times)
-    images = sampler([p for p in prompts for _ in range(n)], args.steps, args.seed)
+    images = np.concatenate([sampler([p] * n, args.steps, args.seed) for p in prompts])
     captions = [p.caption() for p in prompts]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
@@ -186,7 +195,8 @@ def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
         ev.image_grid(rows, out, columns=min(n, 16))
     else:
         torch.save({"images": torch.from_numpy(images), "captions": [c for c in captions for _ in range(n)]}, out)
-    print(f"[sample] {n} image(s) for each of {len(prompts)} prompt(s), {args.steps} step(s) -> {out}")
+    shown = " (16 a row shown in the grid; .pt keeps all)" if out.suffix == ".png" and n > 16 else ""
+    print(f"[sample] {n} image(s) for each of {len(prompts)} prompt(s), {args.steps} step(s) -> {out}{shown}")
     return 0
 
 
@@ -233,6 +243,8 @@ def _eval_shapes_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, tea
 
 
 def cmd_eval(args) -> int:
+    if args.num_samples is not None and args.num_samples < 10:
+        raise ConfigError(f"--num-samples: must be >= 10 for an evaluation, got {args.num_samples}")
     distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
     if args.steps:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, student_steps=args.steps))
@@ -367,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint against its teacher: JSON report + PNG grid")
     e.add_argument("--checkpoint", required=True, help="checkpoint dir (step-N) or run dir (latest)")
-    e.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")], help="student steps, e.g. 1,2,4")
+    e.add_argument("--steps", type=_step_list, help="student steps, e.g. 1,2,4")
     e.add_argument("--num-samples", type=_positive_int)
     e.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
     e.set_defaults(func=cmd_eval)

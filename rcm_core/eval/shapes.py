@@ -162,7 +162,7 @@ def image_grid(panels: dict[str, np.ndarray], path: Path, *, columns: int = 8, s
     from PIL import Image, ImageDraw
 
     cell = 32 * scale + 4
-    title_w = max(150, 6 * max((len(t) for t in panels), default=0) + 8)  # the default font is ~6 px a character
+    title_w = max(150, 4 * max((len(t) for t in panels), default=0) + 12)  # the default font: ~4 px a character
     img = Image.new("RGB", (title_w + columns * cell, len(panels) * cell), "white")
     draw = ImageDraw.Draw(img)
     for r, (title, images) in enumerate(panels.items()):

@@ -84,6 +84,10 @@ def test_cli_missing_file_and_bad_flag_exit_2(tmp_path):
         assert res.returncode == 2 and len(lines) == 1 and f"{flag}: must be an integer >= 1" in lines[0]
     res = _rcm("eval", "--checkpoint", str(tmp_path))
     assert res.returncode == 2 and "neither a checkpoint" in res.stderr
+    for flag, value, says in (("--num-samples", "5", "must be >= 10"), ("--steps", "1,0", "must be an integer >= 1")):
+        res = _rcm("eval", "--checkpoint", str(tmp_path), flag, value)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and flag in lines[0] and says in lines[0], res.stderr
 
 
 def test_cli_bad_student_mid_times_exit_2_with_one_line(tmp_path):
@@ -112,6 +116,7 @@ def test_shapes_gpu_schedules_hold_the_measured_settings_and_refuse_without_cuda
         assert (cfg.train.steps, cfg.train.batch_size, cfg.train.device) == (2100, 128, "cuda")
         assert (cfg.optim.lr, cfg.loss.critic_ratio) == (1e-4, 2)
         assert cfg.data.pool_size == 200000 and cfg.teacher.guidance_scale == 2.0
+        assert cfg.optim.lr_schedule == "cosine" and cfg.eval.student_mid_times == [1.1, 0.8, 0.5]
     assert (rcm.loss.scm_weight, rcm.loss.dmd_weight, rcm.loss.tangent_warmup_steps) == (1.0, 0.26, 200)
     assert (dmd.loss.scm_weight, dmd.loss.dmd_weight) == (0.0, 1.0)
     if torch.cuda.is_available():

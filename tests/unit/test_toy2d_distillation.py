@@ -110,3 +110,11 @@ def test_cli_eval_and_sample_a_checkpoint(run, tmp_path):
     assert res.returncode == 0, res.stderr
     x = torch.load(tmp_path / "x.pt")
     assert x.shape == (64, 2) and torch.isfinite(x).all()
+    sample = [sys.executable, "-m", "rcm_core.cli", "sample", "--checkpoint", str(cfg.train.output_dir)]
+    res = subprocess.run([*sample, "--out", str(tmp_path / "d.pt")], capture_output=True, text=True)
+    assert res.returncode == 0 and torch.load(tmp_path / "d.pt").shape == (1000, 2)  # the 2-D default
+    res = subprocess.run(
+        [*sample, "--prompt", "a circle", "--out", str(tmp_path / "p.pt")], capture_output=True, text=True
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "--prompt" in lines[0] and not (tmp_path / "p.pt").exists()
