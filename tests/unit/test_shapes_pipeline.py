@@ -172,8 +172,8 @@ def test_cli_distills_evaluates_and_benchmarks_the_shapes_teacher(tmp_path):
     grid = Image.open(tmp_path / "s.png")
     assert grid.size[1] == 2 * (32 * 3 + 4)  # one row per prompt
     # the same seed gives a caption the same images, whatever the other captions and their order
-    again = _rcm("sample", "--checkpoint", str(run), "--steps", "2", "--num-samples", "3", "--prompt", prompts[1],
-                 "--prompt", prompts[0], "--out", str(tmp_path / "again.pt"))  # fmt: skip
+    swapped_args = [*args[:6], "--prompt", prompts[1], "--prompt", prompts[0], "--out", str(tmp_path / "again.pt")]
+    again = _rcm(*swapped_args)
     assert again.returncode == 0, again.stderr
     swapped = torch.load(tmp_path / "again.pt")["images"]
     assert torch.equal(swapped[:3], saved["images"][3:]) and torch.equal(swapped[3:], saved["images"][:3])
