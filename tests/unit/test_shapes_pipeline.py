@@ -172,7 +172,7 @@ def test_cli_distills_evaluates_and_benchmarks_the_shapes_teacher(tmp_path):
     grid = Image.open(tmp_path / "s.png")
     assert grid.size[1] == 2 * (32 * 3 + 4)  # one row per prompt
     # the same seed gives a caption the same images, whatever the other captions and their order
-    swapped_args = [*args[:6], "--prompt", prompts[1], "--prompt", prompts[0], "--out", str(tmp_path / "again.pt")]
+    swapped_args = [*args[:7], "--prompt", prompts[1], "--prompt", prompts[0], "--out", str(tmp_path / "again.pt")]
     again = _rcm(*swapped_args)
     assert again.returncode == 0, again.stderr
     swapped = torch.load(tmp_path / "again.pt")["images"]
