@@ -74,6 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rcm_core.kernels import attention_jvp_sm90
+
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -673,10 +675,26 @@ def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens) -> bool:
+    """Whether the fused call can run the warp-specialised Gluon kernel (`attention_jvp_sm90`): a Hopper GPU,
+    bf16/fp16, head dim 128 (where it measured faster; docs/benchmarks.md), all three tangents, no key-padding
+    mask, TMA-compatible strides. RCM_ATTN_SM90=0 turns it off (the Triton kernel then runs everywhere)."""
+    if os.environ.get("RCM_ATTN_SM90", "1") == "0" or _interpreting() or not q.is_cuda:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in attention_jvp_sm90.SM90_TILES:
+        return False
+    if q_t is None or k_t is None or v_t is None or kv_seqlens is not None:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9 or not attention_jvp_sm90.available():
+        return False
+    return _tma_ok(q, k, v, q_t, k_t, v_t)
+
+
 def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, config=None, use_tma=None):
     """Run `_attn_jvp_fwd_kernel` in `mode`; returns (o, o_t, lse) with None for what the mode does not write.
 
     use_tma: None picks TMA descriptors on Hopper+ (and in the interpreter) when the K/V-side tensors allow.
+    The fused mode runs the Gluon kernel instead where `_sm90_eligible` (and no config or use_tma is forced).
     """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
@@ -685,6 +703,8 @@ def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, co
         o = _new_output((B, H, N_Q, D), q.dtype, q.device)
         lse = _new_output((B, H, N_Q), torch.float32, q.device)
     o_t = _new_output((B, H, N_Q, D), q.dtype, q.device) if mode != MODE_PRIMAL else o
+    if mode == MODE_FUSED and config is None and use_tma is None and _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens):
+        return attention_jvp_sm90.fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
     kv_lens = kv_seqlens.to(device=q.device, dtype=torch.int32) if kv_seqlens is not None else lse
     # absent tangents are never read (HAS_* = False): their primal stands in as a valid pointer
     qt_arg, kt_arg, vt_arg = (t if t is not None else p for t, p in ((q_t, q), (k_t, k), (v_t, v)))

@@ -103,8 +103,10 @@ def check_case(case, dtype, seed, published, fh) -> bool:
     base_o, base_t = rel_l2(same_o, ref_o), rel_l2(same_t, ref_t)
     del same_o, same_t
     results = []
+    sm90 = kernel_module._sm90_eligible(q, k, v, q_t, k_t, v_t, kv)  # the Gluon Hopper kernel runs "fused"
     o, o_t, lse = attention_jvp_forward(q, k, v, q_t, k_t, v_t, kv_seqlens=kv)
-    results += [("fused o", rel_l2(o, ref_o), base_o), ("fused o_t", rel_l2(o_t, ref_t), base_t)]
+    tag = "fused sm90" if sm90 else "fused"
+    results += [(f"{tag} o", rel_l2(o, ref_o), base_o), (f"{tag} o_t", rel_l2(o_t, ref_t), base_t)]
     o2, lse2 = attention_forward(q, k, v, kv_seqlens=kv)
     o2_t = attention_tangent_forward(q, k, v, o2, lse2, q_t, k_t, v_t, kv_seqlens=kv)
     results += [("primal o", rel_l2(o2, ref_o), base_o), ("tangent o_t", rel_l2(o2_t, ref_t), base_t)]
@@ -112,6 +114,10 @@ def check_case(case, dtype, seed, published, fh) -> bool:
         kernel_module.MODE_FUSED, q, k, v, q_t, k_t, v_t, None, D**-0.5, kv, use_tma=False
     )
     results += [("fused no-TMA o_t", rel_l2(o3_t, ref_t), base_t)]
+    o4, o4_t, _ = kernel_module._launch_fwd(
+        kernel_module.MODE_FUSED, q, k, v, q_t, k_t, v_t, None, D**-0.5, kv, use_tma=True
+    )
+    results += [("fused Triton o_t" if sm90 else "fused TMA o_t", rel_l2(o4_t, ref_t), base_t)]
     if published is not None and (B, H, Nq, Nk, D) == (1, 12, 4096, 4096, 128) and dtype == torch.bfloat16:
         p_o, p_t = published.attention(q, k, v, q_t, k_t, v_t, False, D**-0.5)
         results += [("published o", rel_l2(p_o, ref_o), base_o), ("published o_t", rel_l2(p_t, ref_t), base_t)]
@@ -163,6 +169,11 @@ def providers(q, k, v, q_t, k_t, v_t, published, want_published):
     def fused():
         return attention_jvp_forward(q, k, v, q_t, k_t, v_t)
 
+    def fused_triton():
+        # use_tma forced: the Triton kernel even where the Gluon Hopper kernel would be dispatched
+        return kernel_module._launch_fwd(kernel_module.MODE_FUSED, q, k, v, q_t, k_t, v_t, None, D**-0.5, None,
+                                         use_tma=True)  # fmt: skip
+
     def func_jvp():
         return torch.func.jvp(attention, (q, k, v), (q_t, k_t, v_t))
 
@@ -177,7 +188,8 @@ def providers(q, k, v, q_t, k_t, v_t, published, want_published):
         with sdpa_kernel([SDPBackend.MATH]):
             return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (q_t, k_t, v_t))
 
-    out = {"ours fused fwd+jvp": (fused, 12), "ours torch.func.jvp(attention)": (func_jvp, 12)}
+    out = {"ours fused fwd+jvp": (fused, 12), "ours fused, Triton kernel only": (fused_triton, 12),
+           "ours torch.func.jvp(attention)": (func_jvp, 12)}  # fmt: skip
     if want_published:
         pub_fn = None if published is None else lambda: published.attention(q, k, v, q_t, k_t, v_t, False, D**-0.5)
         out["published rCM fwd+jvp"] = (pub_fn, 12)
@@ -218,10 +230,13 @@ def bench_shapes(shapes, dtype, published, rep_ms, fh, deadline, on_shape_done, 
                 ms, peak = measure(fn, rep_ms)
                 tflops = gemms * B * H * Nq * Nk * D / (ms * 1e-3) / 1e12
                 cell = dict(ms=f"{ms:.3f}", tflops=f"{tflops:.0f}", peak_gb=f"{peak:.2f}")
+                if prov == "ours fused fwd+jvp":
+                    cell["note"] = "Gluon sm90 kernel" if kernel_module._sm90_eligible(q, k, v, q_t, k_t, v_t, None) \
+                        else "Triton kernel"  # fmt: skip
                 if prov == "ours fused fwd+jvp" and B * H * Nq * Nk <= 12 * 4096 * 4096:
                     # the autotuned config's output, against the float64 oracle (which needs ~5 N^2 buffers)
                     ref_t = attention_jvp_ref(q, k, v, q_t, k_t, v_t)[1]
-                    cell["note"] = f"o_t rel err {rel_l2(fn()[1], ref_t):.1e}"
+                    cell["note"] += f"; o_t rel err {rel_l2(fn()[1], ref_t):.1e}"
                     del ref_t
             except torch.OutOfMemoryError:
                 cell = dict(ms="OOM", tflops="", peak_gb="")
