@@ -45,6 +45,10 @@ D=64, where exp2 takes a third of the GEMM time, the fused kernel stays near 540
 autotuned per head dim, mode and power-of-two length bucket (not exact lengths), so nearby sequence lengths reuse
 one tuned, compiled kernel.
 
+On a Hopper GPU the fused op at head dim 128 (bf16/fp16, all tangents, no key-padding mask) runs the
+warp-specialised Gluon kernel in `attention_jvp_sm90.py` instead (`_sm90_eligible`; 15-18% faster than this
+kernel on an H100, docs/benchmarks.md); the primal, tangent-only and backward kernels are this module's.
+
 Based on: FlashAttention-2 (Dao 2023, arXiv 2307.08691) for the tiling and online softmax; the Triton fused
 attention tutorial for the kernel layout; rCM (arXiv 2510.08431) for the idea of a FlashAttention JVP kernel;
 FlashAttention-4 (the CuTe-DSL forward kernel of the flash-attention repository) for the conditional rescale.
