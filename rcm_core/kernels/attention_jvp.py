@@ -46,7 +46,7 @@ autotuned per head dim, mode and power-of-two length bucket (not exact lengths),
 one tuned, compiled kernel.
 
 On a Hopper GPU the fused op at head dim 128 (bf16/fp16, all tangents, no key-padding mask) runs the
-warp-specialised Gluon kernel in `attention_jvp_sm90.py` instead (`_sm90_eligible`; 15-18% faster than this
+warp-specialised Gluon kernel in `attention_jvp_sm90.py` instead (`_sm90_eligible`; 1.12-1.19x as fast as this
 kernel on an H100, docs/benchmarks.md); the primal, tangent-only and backward kernels are this module's.
 
 Based on: FlashAttention-2 (Dao 2023, arXiv 2307.08691) for the tiling and online softmax; the Triton fused
