@@ -1,8 +1,8 @@
 """Tests for the warp-specialised Hopper kernel (rcm_core/kernels/attention_jvp_sm90.py) and its dispatch.
 
 Without a GPU: the kernel is built for sm_90a offline with the installed Triton and ptxas (no device needed),
-and the report must show no register spills and no serialised wgmma (ptxas warnings C7514/C7515, which undo
-the overlap the kernel exists for); the dispatch rule is checked on stand-in tensors. On a Hopper GPU: the
+and ptxas must not serialise its wgmma (warnings C7514/C7515, which undo the overlap the kernel exists for);
+the build must use setmaxnreg, TMA and wgmma and fit in shared memory; the dispatch rule is checked on stand-in tensors. On a Hopper GPU: the
 kernel's O, O_t and LSE against the float64 oracle, its gradient through O, and the same call with the Gluon
 path switched off.
 """
@@ -27,7 +27,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory a Hopper CTA may use (227 KiB)
 
 @pytest.mark.skipif(not attention_jvp_sm90.available(), reason="this Triton has no Gluon")
 @pytest.mark.parametrize("head_dim", sorted(attention_jvp_sm90.SM90_TILES))
-def test_builds_for_hopper_without_spills_or_serialised_wgmma(tmp_path, head_dim):
+def test_builds_for_hopper_without_serialised_wgmma(tmp_path, head_dim):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     build = [sys.executable, "-m", "tests.kernels.sm90_build", str(head_dim), str(tmp_path)]
     subprocess.run(build, env=env, check=True, capture_output=True, timeout=300)
