@@ -2,9 +2,9 @@
 
 Without a GPU: the kernel is built for sm_90a offline with the installed Triton and ptxas (no device needed),
 and ptxas must not serialise its wgmma (warnings C7514/C7515, which undo the overlap the kernel exists for);
-the build must use setmaxnreg, TMA and wgmma and fit in shared memory; the dispatch rule is checked on stand-in tensors. On a Hopper GPU: the
-kernel's O, O_t and LSE against the float64 oracle, its gradient through O, and the same call with the Gluon
-path switched off.
+the build must use setmaxnreg, TMA and wgmma and fit in shared memory; the dispatch rule is checked on
+stand-in tensors. On a Hopper GPU: the kernel's O, O_t and LSE against the float64 oracle, its gradient
+through O, and the same call with the Gluon path switched off.
 """
 
 import json
