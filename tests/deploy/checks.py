@@ -315,6 +315,7 @@ NOT_DEPLOYED = {
     "RCM_API_URL": "the client CLI (rcm_client) on a user's machine",
     "LOCAL_RANK": "set by torchrun for scripts/torchrun_rcm.py",
     "TRITON_INTERPRET": "CPU-only test runs (tests/conftest.py)",
+    "RCM_ATTN_SM90": "an escape hatch: unset, Hopper GPUs run the Gluon attention kernel (rcm_core/kernels)",
     "RCM_PROMPT_DIR": "optional on Ray nodes: unset, prompt files must be s3:// URIs (workers/storage.py)",
 }
 # Settings fields that only one backend reads.
