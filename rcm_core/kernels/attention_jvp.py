@@ -45,7 +45,7 @@ D=64, where exp2 takes a third of the GEMM time, the fused kernel stays near 540
 autotuned per head dim, mode and power-of-two length bucket (not exact lengths), so nearby sequence lengths reuse
 one tuned, compiled kernel.
 
-On a Hopper GPU the fused op at head dim 128 (bf16/fp16, all tangents, no key-padding mask) runs the
+On a Hopper GPU the fused op at head dim 64 and 128 (bf16/fp16, all tangents, no key-padding mask) runs the
 warp-specialised Gluon kernel in `attention_jvp_sm90.py` instead (`_sm90_eligible`; 1.12-1.19x as fast as this
 kernel on an H100, docs/benchmarks.md); the primal, tangent-only and backward kernels are this module's.
 
@@ -681,8 +681,8 @@ def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 def _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens) -> bool:
     """Whether the fused call can run the warp-specialised Gluon kernel (`attention_jvp_sm90`): a Hopper GPU,
-    bf16/fp16, head dim 128 (where it measured faster; docs/benchmarks.md), all three tangents, no key-padding
-    mask, TMA-compatible strides. RCM_ATTN_SM90=0 turns it off (the Triton kernel then runs everywhere)."""
+    bf16/fp16, head dim 64 or 128 (where it measured faster; docs/benchmarks.md), all three tangents, no
+    key-padding mask, TMA-compatible strides. RCM_ATTN_SM90=0 turns it off (the Triton kernel then runs everywhere)."""
     if os.environ.get("RCM_ATTN_SM90", "1") == "0" or _interpreting() or not q.is_cuda:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in attention_jvp_sm90.SM90_TILES:

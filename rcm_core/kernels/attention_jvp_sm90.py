@@ -18,15 +18,15 @@ Within a consumer every GEMM group is waited for before its result is used (the 
 slower on an H100 (2026-11-26, docs/benchmarks.md): keeping the accumulating GEMMs in flight across the loop
 edge (ptxas then serialises every wgmma, warnings C7514/C7515: 39.6 ms instead of 34.2 ms at 32760 tokens),
 and FA3-style strict ping-pong between the two consumers enforced with mbarriers (12.5 ms instead of 7.5 ms
-at 16384 tokens). Head dim 64 stays on the Triton kernel: there this kernel spills at 128-key blocks and was
-no faster (3.09-3.20 ms against 3.06 ms at 4x32x4096x64).
+at 16384 tokens). At head dim 64 the plain version spilled at 128-key blocks and was no faster than the Triton
+kernel (3.10 vs 3.03 ms at 4x32x4096x64); the lazy rescale and the pre-scaled Q below made it 2.72 ms.
 
 The maths is that of `_attn_jvp_fwd_block` (MODE 1, eager rescale): S = s Q K^T, S_t = s (Q_t K^T + Q K_t^T),
 P = softmax(S), H = P * S_t, O_t = P V_t + H V - diag(rowsum H) O, online softmax in log2 units, LSE stored.
 
-Scope (`attention_jvp._sm90_eligible` decides): CUDA compute capability 9.x, bf16/fp16, head dim 128, all three
-tangents given, no key-padding mask, TMA-compatible strides. Everything else runs the Triton kernel. Gluon is
-experimental: the module imports it defensively (`available()`), and bridges the one API rename between
+Scope (`attention_jvp._sm90_eligible` decides): CUDA compute capability 9.x, bf16/fp16, head dim 64 or 128, all
+three tangents given, no key-padding mask, TMA-compatible strides. Everything else runs the Triton kernel. Gluon is
+experimental: the module imports it defensively (`available()`), and bridges two API renames between
 Triton 3.6 (the GPU image) and 3.9 (CI, which builds the kernel for sm_90a offline in a test).
 """
 
@@ -36,7 +36,16 @@ import torch
 
 BLOCK_M_WG = 64  # query rows per consumer warpgroup; a CTA holds two
 # (BLOCK_N, STAGES) per head dim; shared memory: Q, Q_t for 128 rows + STAGES x (K, K_t, V, V_t) tiles
-SM90_TILES = {128: (64, 2)}  # head dim 128: 64-key blocks, 2 slots (192 KiB of shared memory)
+# per head dim: (BLOCK_N, STAGES); 2 slots = 160 KiB (D=64) / 192 KiB (D=128) of shared memory
+SM90_TILES = {64: (128, 2), 128: (64, 2)}
+# Per head dim, decided inside the kernel from HEAD_DIM (warp_specialize partitions take no constexpr
+# arguments), as measured on an H100 (docs/benchmarks.md):
+#   lazy rescale (D=64): rescale O / O_t only when some row max of the warpgroup grows by more than 2^8, as the
+#     Triton kernel's LAZY_RESCALE; one warpgroup-wide reduction per key block instead of 2 x 32 multiplies;
+#   scaled Q (D=64): each consumer multiplies its Q, Q_t tiles by the softmax scale once, in shared memory, so
+#     S and S_t come out scaled and the per-element multiply of S_t goes away. Exact for the default scale
+#     1/8; at D=128 (scale 1/sqrt(128)) the extra rounding of Q raised the error from 2.3e-3 to 3.2e-3 for a
+#     1-2% gain, so D=128 keeps the plain path.
 
 
 try:
@@ -52,6 +61,8 @@ try:
 
     # the TMA load was renamed after Triton 3.6 (async_copy_global_to_shared -> async_load)
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    # and the thread barrier (thread_barrier -> barrier); inside a partition it syncs that partition's warps
+    _warps_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
     _IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any import problem means "not available"
     _IMPORT_ERROR = exc
@@ -107,7 +118,7 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _block(s, st, acc_o, acc_t, m_i, l_i, r_i, v_smem, vt_smem, vv_full, kv_empty, cols, N_K, j, qk_scale,
                scale, row_o: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-               LAST: gl.constexpr):
+               LAST: gl.constexpr, LAZY_RESCALE: gl.constexpr, SCALED_Q: gl.constexpr):
         """Softmax of key block j (its score GEMMs done) and its three accumulating GEMMs, waited for here.
         Block j-1's ring slot is released first: everything that read it has completed."""
         s_idx = j % STAGES
@@ -117,15 +128,32 @@ if _IMPORT_ERROR is None:
             start = j * BLOCK_N
             s = gl.where((start + cols < N_K)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        st = warpgroup_mma_wait(0, deps=[st])
-        h = p * (st * scale)
-        r_i = r_i * alpha + gl.sum(h, 1)
-        alpha_o = gl.convert_layout(alpha, row_o)
-        acc_o = acc_o * alpha_o[:, None]
-        acc_t = acc_t * alpha_o[:, None]
+        if LAZY_RESCALE:
+            # warpgroup-uniform: taken on the first block (m = -inf) and when a row max grows by more than 2^8
+            if gl.max((m_new > m_i + 8.0).to(gl.int32), 0) > 0:
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                r_i = r_i * alpha
+                alpha_o = gl.convert_layout(alpha, row_o)
+                acc_o = acc_o * alpha_o[:, None]
+                acc_t = acc_t * alpha_o[:, None]
+                m_i = m_new
+            m_new = m_i
+            p = gl.exp2(s * qk_scale - m_i[:, None])
+            l_i = l_i + gl.sum(p, 1)
+            st = warpgroup_mma_wait(0, deps=[st])
+            h = p * st if SCALED_Q else p * (st * scale)
+            r_i = r_i + gl.sum(h, 1)
+        else:
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            st = warpgroup_mma_wait(0, deps=[st])
+            h = p * st if SCALED_Q else p * (st * scale)
+            r_i = r_i * alpha + gl.sum(h, 1)
+            alpha_o = gl.convert_layout(alpha, row_o)
+            acc_o = acc_o * alpha_o[:, None]
+            acc_t = acc_t * alpha_o[:, None]
         p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         h_op = gl.convert_layout(h.to(v_smem.dtype), p_layout)
         mbarrier.wait(vv_full.index(s_idx), (j // STAGES) & 1)
@@ -153,10 +181,12 @@ if _IMPORT_ERROR is None:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         dtype: gl.constexpr = q_smem.dtype
+        LAZY_RESCALE: gl.constexpr = HEAD_DIM == 64
+        SCALED_Q: gl.constexpr = HEAD_DIM == 64
 
         q = q_smem.index(WG)
         qt = qt_smem.index(WG)
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = 1.4426950408889634 if SCALED_Q else scale * 1.4426950408889634
         m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BM], gl.float32, row_s)
         r_i = gl.zeros([BM], gl.float32, row_s)
@@ -166,19 +196,25 @@ if _IMPORT_ERROR is None:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
 
         mbarrier.wait(q_bar, 0)
+        if SCALED_Q:
+            ld: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+            q.store((q.load(ld).to(gl.float32) * scale).to(dtype))
+            qt.store((qt.load(ld).to(gl.float32) * scale).to(dtype))
+            fence_async_shared()  # generic-proxy writes, read next by wgmma (async proxy)
+            _warps_barrier()  # the warpgroup's four warps all wrote their part before any wgmma reads it
         # two distinct register homes for S and S_t (one shared zero tile would be copied)
         s, st = _scores(q, qt, k_smem, kt_smem, kk_full, zero_s, zero_s * scale, 0, STAGES)
         s, st = warpgroup_mma_wait(0, deps=[s, st])
         for j in range(n_blocks - 1):
             acc_o, acc_t, m_i, l_i, r_i, s_dead, st_dead = _block(
                 s, st, acc_o, acc_t, m_i, l_i, r_i, v_smem, vt_smem, vv_full, kv_empty, cols, N_K, j, qk_scale,
-                scale, row_o, p_layout, STAGES, BLOCK_N, False)
+                scale, row_o, p_layout, STAGES, BLOCK_N, False, LAZY_RESCALE, SCALED_Q)
             s, st = _scores(q, qt, k_smem, kt_smem, kk_full, s_dead, st_dead, j + 1, STAGES)
             s, st = warpgroup_mma_wait(0, deps=[s, st])
         # the last block masks the keys past N_K (TMA zero-fills them; their scores become -inf)
         acc_o, acc_t, m_i, l_i, r_i, s_dead, st_dead = _block(
             s, st, acc_o, acc_t, m_i, l_i, r_i, v_smem, vt_smem, vv_full, kv_empty, cols, N_K, n_blocks - 1,
-            qk_scale, scale, row_o, p_layout, STAGES, BLOCK_N, True)
+            qk_scale, scale, row_o, p_layout, STAGES, BLOCK_N, True, LAZY_RESCALE, SCALED_Q)
         mbarrier.arrive(kv_empty.index((n_blocks - 1) % STAGES), count=1)
 
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)

@@ -85,7 +85,9 @@ class _Stand:
         ({"capability": 8}, False),
         ({"capability": 10}, False),
         ({"dtype": torch.float32}, False),
-        ({"head_dim": 64}, False),
+        ({"head_dim": 64}, True),
+        ({"head_dim": 32}, False),
+        ({"head_dim": 256}, False),
         ({"drop": "k_t"}, False),
         ({"kv_seqlens": True}, False),
         ({"is_cuda": False}, False),
@@ -125,7 +127,16 @@ def gen(request):
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
-    "shape", [(2, 3, 1000, 1000, 128), (1, 2, 777, 450, 128), (1, 4, 4096, 4096, 128), (1, 2, 8190, 77, 128)]
+    "shape",
+    [
+        (2, 3, 1000, 1000, 128),
+        (1, 2, 777, 450, 128),
+        (1, 4, 4096, 4096, 128),
+        (1, 2, 8190, 77, 128),
+        (2, 3, 1000, 1000, 64),
+        (1, 2, 777, 450, 64),
+        (2, 4, 4096, 4096, 64),
+    ],
 )
 def test_sm90_kernel_matches_reference(gen, monkeypatch, shape, dtype):
     inputs = make_inputs(gen, *shape, dtype)
@@ -150,8 +161,9 @@ def test_sm90_kernel_matches_reference(gen, monkeypatch, shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
-def test_sm90_gradient_through_o_matches_triton_path(gen, monkeypatch):
-    inputs = make_inputs(gen, 1, 2, 1000, 600, 128, torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_gradient_through_o_matches_triton_path(gen, monkeypatch, head_dim):
+    inputs = make_inputs(gen, 1, 2, 1000, 600, head_dim, torch.bfloat16)
     grads = []
     for flag in ("1", "0"):
         monkeypatch.setenv("RCM_ATTN_SM90", flag)
