@@ -45,9 +45,10 @@ D=64, where exp2 takes a third of the GEMM time, the fused kernel stays near 540
 autotuned per head dim, mode and power-of-two length bucket (not exact lengths), so nearby sequence lengths reuse
 one tuned, compiled kernel.
 
-On a Hopper GPU the fused op at head dim 64 and 128 (bf16/fp16, all tangents, no key-padding mask) runs the
-warp-specialised Gluon kernel in `attention_jvp_sm90.py` instead (`_sm90_eligible`; 1.12-1.19x as fast as this
-kernel on an H100, docs/benchmarks.md); the primal, tangent-only and backward kernels are this module's.
+On a Hopper GPU the fused op and the tangent-only op (the jvp rule of `attention`) at head dim 64 and 128
+(bf16/fp16, all tangents, no key-padding mask) run the warp-specialised Gluon kernel in `attention_jvp_sm90.py`
+instead (`_sm90_eligible`; measured on an H100 in docs/benchmarks.md); the primal and backward kernels are
+this module's.
 
 Based on: FlashAttention-2 (Dao 2023, arXiv 2307.08691) for the tiling and online softmax; the Triton fused
 attention tutorial for the kernel layout; rCM (arXiv 2510.08431) for the idea of a FlashAttention JVP kernel;
@@ -698,7 +699,8 @@ def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, co
     """Run `_attn_jvp_fwd_kernel` in `mode`; returns (o, o_t, lse) with None for what the mode does not write.
 
     use_tma: None picks TMA descriptors on Hopper+ (and in the interpreter) when the K/V-side tensors allow.
-    The fused mode runs the Gluon kernel instead where `_sm90_eligible` (and no config or use_tma is forced).
+    The fused and tangent-only modes run the Gluon kernel instead where `_sm90_eligible` (and no config or
+    use_tma is forced).
     """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
@@ -707,8 +709,11 @@ def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, co
         o = _new_output((B, H, N_Q, D), q.dtype, q.device)
         lse = _new_output((B, H, N_Q), torch.float32, q.device)
     o_t = _new_output((B, H, N_Q, D), q.dtype, q.device) if mode != MODE_PRIMAL else o
-    if mode == MODE_FUSED and config is None and use_tma is None and _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens):
-        return attention_jvp_sm90.fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
+    forced = config is not None or use_tma is not None
+    if mode != MODE_PRIMAL and not forced and _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens):
+        if mode == MODE_FUSED:
+            return attention_jvp_sm90.fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
+        return None, attention_jvp_sm90.tangent_forward(q, k, v, q_t, k_t, v_t, o, lse, o_t, scale), None
     kv_lens = kv_seqlens.to(device=q.device, dtype=torch.int32) if kv_seqlens is not None else lse
     # absent tangents are never read (HAS_* = False): their primal stands in as a valid pointer
     qt_arg, kt_arg, vt_arg = (t if t is not None else p for t, p in ((q_t, q), (k_t, k), (v_t, v)))

@@ -1,4 +1,4 @@
-"""Warp-specialised Hopper (sm_90) fused attention forward + JVP, written in Gluon.
+"""Warp-specialised Hopper (sm_90) fused attention forward + JVP (and tangent-only JVP), written in Gluon.
 
 Why a second kernel: the Triton kernel in `attention_jvp.py` cannot overlap its softmax with tensor-core work.
 Triton waits for every wgmma group whose result the same key block uses, and the two warpgroups of a program
@@ -20,6 +20,10 @@ edge (ptxas then serialises every wgmma, warnings C7514/C7515: 39.6 ms instead o
 and FA3-style strict ping-pong between the two consumers enforced with mbarriers (12.5 ms instead of 7.5 ms
 at 16384 tokens). At head dim 64 the plain version spilled at 128-key blocks and was no faster than the Triton
 kernel (3.10 vs 3.03 ms at 4x32x4096x64); the lazy rescale and the pre-scaled Q below made it 2.72 ms.
+
+The same kernel with TANGENT=True is the tangent-only mode (the jvp rule of `attention`, which
+`torch.func.jvp` through the DiT runs): P exact from the saved LSE, no running max, no O accumulator, O_t from
+the saved O; 5 GEMMs per key block.
 
 The maths is that of `_attn_jvp_fwd_block` (MODE 1, eager rescale): S = s Q K^T, S_t = s (Q_t K^T + Q K_t^T),
 P = softmax(S), H = P * S_t, O_t = P V_t + H V - diag(rowsum H) O, online softmax in log2 units, LSE stored.
@@ -244,14 +248,113 @@ if _IMPORT_ERROR is None:
                   o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks, scale, 1)
 
     @gluon.jit
+    def _tangent_block(s, st, acc_t, m_i, r_i, v_smem, vt_smem, vv_full, kv_empty, cols, N_K, j, qk_scale, scale,
+                       p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, LAST: gl.constexpr,
+                       SCALED_Q: gl.constexpr):
+        """Tangent-only key block: P is exact from the saved LSE (m_i, log2 units), so no running max, no
+        rescale and no O accumulator; acc_t += P V_t + H V (2 GEMMs after the 3 score GEMMs)."""
+        s_idx = j % STAGES
+        if j > 0:
+            mbarrier.arrive(kv_empty.index((j - 1) % STAGES), count=1)
+        if LAST:
+            start = j * BLOCK_N
+            s = gl.where((start + cols < N_K)[None, :], s, float("-inf"))
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        h = p * st if SCALED_Q else p * (st * scale)
+        r_i = r_i + gl.sum(h, 1)
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        h_op = gl.convert_layout(h.to(v_smem.dtype), p_layout)
+        mbarrier.wait(vv_full.index(s_idx), (j // STAGES) & 1)
+        acc_t = warpgroup_mma(p_op, vt_smem.index(s_idx), acc_t, is_async=True)
+        acc_t = warpgroup_mma(h_op, v_smem.index(s_idx), acc_t, is_async=True)
+        acc_t = warpgroup_mma_wait(0, deps=[acc_t])
+        return acc_t, r_i, s, st
+
+    @gluon.jit
+    def _tangent_consumer(q_smem, qt_smem, k_smem, kt_smem, v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty,
+                          O, OT, LSE, o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks,
+                          scale, WG: gl.constexpr):
+        """One warpgroup, tangent only: O_t = P V_t + H V - diag(rowsum H) O from the saved O (read from O)
+        and LSE (read from LSE)."""
+        BM: gl.constexpr = 64
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_smem.dtype
+        SCALED_Q: gl.constexpr = HEAD_DIM == 64
+
+        q = q_smem.index(WG)
+        qt = qt_smem.index(WG)
+        qk_scale = 1.4426950408889634 if SCALED_Q else scale * 1.4426950408889634
+        rows_s = row0 + WG * BM + gl.arange(0, BM, layout=row_s)
+        # the saved LSE in log2 units; rows past N_Q read 0 (their Q rows are zero-filled, so S = 0) and are
+        # never stored
+        m_i = gl.load(LSE + lse_base + rows_s, mask=rows_s < N_Q, other=0.0) * 1.4426950408889634
+        r_i = gl.zeros([BM], gl.float32, row_s)
+        acc_t = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        zero_s = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+
+        mbarrier.wait(q_bar, 0)
+        if SCALED_Q:
+            ld: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+            q.store((q.load(ld).to(gl.float32) * scale).to(dtype))
+            qt.store((qt.load(ld).to(gl.float32) * scale).to(dtype))
+            fence_async_shared()
+            _warps_barrier()
+        s, st = _scores(q, qt, k_smem, kt_smem, kk_full, zero_s, zero_s * scale, 0, STAGES)
+        s, st = warpgroup_mma_wait(0, deps=[s, st])
+        for j in range(n_blocks - 1):
+            acc_t, r_i, s_dead, st_dead = _tangent_block(
+                s, st, acc_t, m_i, r_i, v_smem, vt_smem, vv_full, kv_empty, cols, N_K, j, qk_scale, scale,
+                p_layout, STAGES, BLOCK_N, False, SCALED_Q)
+            s, st = _scores(q, qt, k_smem, kt_smem, kk_full, s_dead, st_dead, j + 1, STAGES)
+            s, st = warpgroup_mma_wait(0, deps=[s, st])
+        acc_t, r_i, s_dead, st_dead = _tangent_block(
+            s, st, acc_t, m_i, r_i, v_smem, vt_smem, vv_full, kv_empty, cols, N_K, n_blocks - 1, qk_scale, scale,
+            p_layout, STAGES, BLOCK_N, True, SCALED_Q)
+        mbarrier.arrive(kv_empty.index((n_blocks - 1) % STAGES), count=1)
+
+        rows = row0 + WG * BM + gl.arange(0, BM, layout=row_o)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ok = (rows < N_Q)[:, None]
+        o = gl.load(O + o_base + rows[:, None] * stride_om + offs_d[None, :], mask=ok, other=0.0).to(gl.float32)
+        o_t = acc_t - gl.convert_layout(r_i, row_o)[:, None] * o
+        gl.store(OT + ot_base + rows[:, None] * stride_otm + offs_d[None, :], o_t.to(dtype), mask=ok)
+
+    @gluon.jit
+    def _tangent_consumer_0(q_smem, qt_smem, k_smem, kt_smem, v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty,
+                            O, OT, LSE, o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks,
+                            scale):
+        _tangent_consumer(q_smem, qt_smem, k_smem, kt_smem, v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty, O,
+                          OT, LSE, o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks,
+                          scale, 0)
+
+    @gluon.jit
+    def _tangent_consumer_1(q_smem, qt_smem, k_smem, kt_smem, v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty,
+                            O, OT, LSE, o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks,
+                            scale):
+        _tangent_consumer(q_smem, qt_smem, k_smem, kt_smem, v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty, O,
+                          OT, LSE, o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks,
+                          scale, 1)
+
+    @gluon.jit
     def _fused_fwd_kernel(
         Q, K, V, QT, KT, VT, O, OT, LSE,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_qtb, stride_qth, stride_qtm, stride_ktb, stride_kth, stride_ktn, stride_vtb, stride_vth, stride_vtn,
         stride_ob, stride_oh, stride_om, stride_otb, stride_oth, stride_otm,
         NUM_HEADS, N_Q, N_K, scale,
-        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TANGENT: gl.constexpr = False,
     ):
+        """TANGENT=False: writes O, O_t, LSE. TANGENT=True: reads O and LSE (the primal's), writes O_t only."""
         BM: gl.constexpr = 64
         dtype: gl.constexpr = Q.dtype.element_ty
         pid_m = gl.program_id(0)
@@ -299,16 +402,24 @@ if _IMPORT_ERROR is None:
         consumer_args = (q_smem, qt_smem, k_smem, kt_smem, v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty,
                          O, OT, LSE, o_base, ot_base, lse_base, stride_om, stride_otm, row0, N_Q, N_K, n_blocks,
                          scale)
-        gl.warp_specialize(
-            [
-                (_consumer_0, consumer_args),
-                (_consumer_1, consumer_args),
-                (_producer, (k_desc, kt_desc, v_desc, vt_desc, q_desc, qt_desc, q_smem, qt_smem, k_smem, kt_smem,
-                             v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty, row0, n_blocks)),
-            ],
-            [4, 4],
-            [240, 24],
-        )
+        producer_args = (k_desc, kt_desc, v_desc, vt_desc, q_desc, qt_desc, q_smem, qt_smem, k_smem, kt_smem,
+                         v_smem, vt_smem, q_bar, kk_full, vv_full, kv_empty, row0, n_blocks)
+        if TANGENT:
+            gl.warp_specialize(
+                [
+                    (_tangent_consumer_0, consumer_args),
+                    (_tangent_consumer_1, consumer_args),
+                    (_producer, producer_args),
+                ],
+                [4, 4],
+                [240, 24],
+            )
+        else:
+            gl.warp_specialize(
+                [(_consumer_0, consumer_args), (_consumer_1, consumer_args), (_producer, producer_args)],
+                [4, 4],
+                [240, 24],
+            )
     # fmt: on
 
 
@@ -331,3 +442,20 @@ def fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale: float, tiles: tupl
     args = (q, k, v, q_t, k_t, v_t, o, o_t, lse, *strides, H, N_Q, k.shape[2], scale)
     _fused_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, num_warps=4)
     return o, o_t, lse
+
+
+def tangent_forward(q, k, v, q_t, k_t, v_t, o, lse, o_t, scale: float, tiles: tuple[int, int] | None = None):
+    """Write O_t into o_t from the saved forward output o and LSE (natural log, (B, H, Nq) contiguous);
+    the warp-specialised counterpart of the Triton kernel's tangent-only mode."""
+    if not available():
+        raise RuntimeError(f"attention_jvp_sm90: this Triton has no usable Gluon API ({_IMPORT_ERROR})")
+    import triton
+
+    B, H, N_Q, D = q.shape
+    block_n, stages = tiles or SM90_TILES[D]
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    strides = [st for t in (q, k, v, q_t, k_t, v_t, o, o_t) for st in (t.stride(0), t.stride(1), t.stride(2))]
+    grid = (triton.cdiv(N_Q, 2 * BLOCK_M_WG), B * H)
+    args = (q, k, v, q_t, k_t, v_t, o, o_t, lse, *strides, H, N_Q, k.shape[2], scale)
+    _fused_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, TANGENT=True, num_warps=4)
+    return o_t

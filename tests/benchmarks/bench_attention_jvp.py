@@ -26,6 +26,7 @@ import datetime
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import time
 import types
@@ -109,7 +110,8 @@ def check_case(case, dtype, seed, published, fh) -> bool:
     results += [(f"{tag} o", rel_l2(o, ref_o), base_o), (f"{tag} o_t", rel_l2(o_t, ref_t), base_t)]
     o2, lse2 = attention_forward(q, k, v, kv_seqlens=kv)
     o2_t = attention_tangent_forward(q, k, v, o2, lse2, q_t, k_t, v_t, kv_seqlens=kv)
-    results += [("primal o", rel_l2(o2, ref_o), base_o), ("tangent o_t", rel_l2(o2_t, ref_t), base_t)]
+    tag_t = "tangent sm90" if sm90 else "tangent"
+    results += [("primal o", rel_l2(o2, ref_o), base_o), (f"{tag_t} o_t", rel_l2(o2_t, ref_t), base_t)]
     o3, o3_t, _ = kernel_module._launch_fwd(
         kernel_module.MODE_FUSED, q, k, v, q_t, k_t, v_t, None, D**-0.5, kv, use_tma=False
     )
@@ -177,6 +179,18 @@ def providers(q, k, v, q_t, k_t, v_t, published, want_published):
     def func_jvp():
         return torch.func.jvp(attention, (q, k, v), (q_t, k_t, v_t))
 
+    def func_jvp_triton():
+        # the jvp rule's tangent kernel forced to the Triton one (RCM_ATTN_SM90=0 for this call)
+        saved = os.environ.get("RCM_ATTN_SM90")
+        os.environ["RCM_ATTN_SM90"] = "0"
+        try:
+            return torch.func.jvp(attention, (q, k, v), (q_t, k_t, v_t))
+        finally:
+            if saved is None:
+                del os.environ["RCM_ATTN_SM90"]
+            else:
+                os.environ["RCM_ATTN_SM90"] = saved
+
     def sdpa(backend):
         def run():
             with sdpa_kernel([backend]):
@@ -189,7 +203,8 @@ def providers(q, k, v, q_t, k_t, v_t, published, want_published):
             return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (q_t, k_t, v_t))
 
     out = {"ours fused fwd+jvp": (fused, 12), "ours fused, Triton kernel only": (fused_triton, 12),
-           "ours torch.func.jvp(attention)": (func_jvp, 12)}  # fmt: skip
+           "ours torch.func.jvp(attention)": (func_jvp, 12),
+           "ours torch.func.jvp(attention), Triton only": (func_jvp_triton, 12)}  # fmt: skip
     if want_published:
         pub_fn = None if published is None else lambda: published.attention(q, k, v, q_t, k_t, v_t, False, D**-0.5)
         out["published rCM fwd+jvp"] = (pub_fn, 12)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import triton
 
-from rcm_core.kernels import attention_jvp, attention_jvp_forward, attention_jvp_ref, attention_jvp_sm90
+from rcm_core.kernels import attention, attention_jvp, attention_jvp_forward, attention_jvp_ref, attention_jvp_sm90
 from tests.kernels.test_attention_jvp import check, kernel_module, make_inputs, rel_l2
 
 IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -26,10 +26,13 @@ SMEM_LIMIT = 232448  # bytes of shared memory a Hopper CTA may use (227 KiB)
 
 
 @pytest.mark.skipif(not attention_jvp_sm90.available(), reason="this Triton has no Gluon")
+@pytest.mark.parametrize("mode", ["fused", "tangent"])
 @pytest.mark.parametrize("head_dim", sorted(attention_jvp_sm90.SM90_TILES))
-def test_builds_for_hopper_without_serialised_wgmma(tmp_path, head_dim):
+def test_builds_for_hopper_without_serialised_wgmma(tmp_path, head_dim, mode):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    build = [sys.executable, "-m", "tests.kernels.sm90_build", str(head_dim), str(tmp_path)]
+    build = [sys.executable, "-m", "tests.kernels.sm90_build", str(head_dim), str(tmp_path)] + (
+        ["tangent"] if mode == "tangent" else []
+    )
     subprocess.run(build, env=env, check=True, capture_output=True, timeout=300)
     ptx = (tmp_path / "k.ptx").read_text()
     shared = json.loads((tmp_path / "meta.json").read_text())["shared"]
@@ -157,6 +160,27 @@ def test_sm90_kernel_matches_reference(gen, monkeypatch, shape, dtype):
     monkeypatch.setenv("RCM_ATTN_SM90", "0")
     o2, o_t2, _ = attention_jvp_forward(*inputs)
     assert rel_l2(o, o2) < 1e-2 and rel_l2(o_t, o_t2) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 1000, 1000, 128), (1, 2, 777, 450, 64), (2, 4, 4096, 4096, 64)])
+def test_sm90_tangent_kernel_under_func_jvp(gen, monkeypatch, shape, dtype):
+    """torch.func.jvp through `attention` (the DiT's path): the jvp rule runs the Gluon tangent kernel."""
+    inputs = make_inputs(gen, *shape, dtype)
+    calls = []
+    real = attention_jvp_sm90.tangent_forward
+    monkeypatch.setattr(attention_jvp_sm90, "tangent_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    o, o_t = torch.func.jvp(attention, inputs[:3], inputs[3:])
+    assert calls, "the Gluon tangent kernel did not run"
+    ref_o, ref_o_t = attention_jvp_ref(*inputs)
+    same_o, same_o_t = attention_jvp_ref(*inputs, upcast=False)
+    check("o", o, same_o, ref_o)
+    check("o_t", o_t, same_o_t, ref_o_t)
+    monkeypatch.setenv("RCM_ATTN_SM90", "0")
+    _, o_t2 = torch.func.jvp(attention, inputs[:3], inputs[3:])
+    assert rel_l2(o_t, o_t2) < 1e-2
 
 
 @pytest.mark.gpu
