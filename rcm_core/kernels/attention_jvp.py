@@ -700,7 +700,7 @@ def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, co
 
     use_tma: None picks TMA descriptors on Hopper+ (and in the interpreter) when the K/V-side tensors allow.
     The fused and tangent-only modes run the Gluon kernel instead where `_sm90_eligible` (and no config or
-    use_tma is forced).
+    use_tma is forced; the tangent-only mode from `attention_jvp_sm90.TANGENT_MIN_KEYS` keys on).
     """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
@@ -713,7 +713,8 @@ def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, co
     if mode != MODE_PRIMAL and not forced and _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens):
         if mode == MODE_FUSED:
             return attention_jvp_sm90.fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
-        return None, attention_jvp_sm90.tangent_forward(q, k, v, q_t, k_t, v_t, o, lse, o_t, scale), None
+        if N_K >= attention_jvp_sm90.TANGENT_MIN_KEYS:
+            return None, attention_jvp_sm90.tangent_forward(q, k, v, q_t, k_t, v_t, o, lse, o_t, scale), None
     kv_lens = kv_seqlens.to(device=q.device, dtype=torch.int32) if kv_seqlens is not None else lse
     # absent tangents are never read (HAS_* = False): their primal stands in as a valid pointer
     qt_arg, kt_arg, vt_arg = (t if t is not None else p for t, p in ((q_t, q), (k_t, k), (v_t, v)))
