@@ -680,27 +680,30 @@ def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens) -> bool:
-    """Whether the fused call can run the warp-specialised Gluon kernel (`attention_jvp_sm90`): a Hopper GPU,
-    bf16/fp16, head dim 64 or 128 (where it measured faster; docs/benchmarks.md), all three tangents, no
-    key-padding mask, TMA-compatible strides. RCM_ATTN_SM90=0 turns it off (the Triton kernel then runs everywhere)."""
+def _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens, need_tangents: bool = True) -> bool:
+    """Whether the call can run the warp-specialised Gluon kernels (`attention_jvp_sm90`): a Hopper GPU,
+    bf16/fp16, head dim 64 or 128 (where they measured faster; docs/benchmarks.md), all three tangents (for the
+    fused and tangent-only modes), no key-padding mask, TMA-compatible strides. RCM_ATTN_SM90=0 turns them off
+    (the Triton kernels then run everywhere)."""
     if os.environ.get("RCM_ATTN_SM90", "1") == "0" or _interpreting() or not q.is_cuda:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in attention_jvp_sm90.SM90_TILES:
         return False
-    if q_t is None or k_t is None or v_t is None or kv_seqlens is not None:
+    if need_tangents and (q_t is None or k_t is None or v_t is None):
+        return False
+    if kv_seqlens is not None:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9 or not attention_jvp_sm90.available():
         return False
-    return _tma_ok(q, k, v, q_t, k_t, v_t)
+    return _tma_ok(*(t for t in (q, k, v, q_t, k_t, v_t) if t is not None))
 
 
 def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, config=None, use_tma=None):
     """Run `_attn_jvp_fwd_kernel` in `mode`; returns (o, o_t, lse) with None for what the mode does not write.
 
     use_tma: None picks TMA descriptors on Hopper+ (and in the interpreter) when the K/V-side tensors allow.
-    The fused and tangent-only modes run the Gluon kernel instead where `_sm90_eligible` (and no config or
-    use_tma is forced; the tangent-only mode from `attention_jvp_sm90.TANGENT_MIN_KEYS` keys on).
+    All three modes run the Gluon kernels instead where `_sm90_eligible` (and no config or use_tma is forced;
+    the tangent-only mode from `attention_jvp_sm90.TANGENT_MIN_KEYS` keys on).
     """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
@@ -710,7 +713,10 @@ def _launch_fwd(mode, q, k, v, q_t, k_t, v_t, o, scale, kv_seqlens, lse=None, co
         lse = _new_output((B, H, N_Q), torch.float32, q.device)
     o_t = _new_output((B, H, N_Q, D), q.dtype, q.device) if mode != MODE_PRIMAL else o
     forced = config is not None or use_tma is not None
-    if mode != MODE_PRIMAL and not forced and _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens):
+    if not forced and _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens, need_tangents=mode != MODE_PRIMAL):
+        if mode == MODE_PRIMAL:
+            attention_jvp_sm90.primal_forward(q, k, v, o, lse, scale)
+            return o, None, lse
         if mode == MODE_FUSED:
             return attention_jvp_sm90.fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
         if N_K >= attention_jvp_sm90.TANGENT_MIN_KEYS:

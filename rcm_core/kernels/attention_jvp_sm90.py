@@ -424,6 +424,161 @@ if _IMPORT_ERROR is None:
                 [4, 4],
                 [240, 24],
             )
+
+    # -- primal only (O and LSE): the plain FlashAttention forward in the same producer/consumer layout ------------
+
+    @gluon.jit
+    def _primal_producer(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, row0,
+                         n_blocks):
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        TILE_BYTES: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+        mbarrier.expect(q_bar, 2 * 64 * HEAD_DIM * 2)
+        _tma_load(q_desc, [row0, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [row0 + 64, 0], q_bar, q_smem.index(1))
+        for j in range(n_blocks):
+            s = j % STAGES
+            mbarrier.wait(kv_empty.index(s), ((j // STAGES) & 1) ^ 1)
+            start = j * BLOCK_N
+            mbarrier.expect(kk_full.index(s), TILE_BYTES)
+            _tma_load(k_desc, [start, 0], kk_full.index(s), k_smem.index(s))
+            mbarrier.expect(vv_full.index(s), TILE_BYTES)
+            _tma_load(v_desc, [start, 0], vv_full.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _primal_score(q, k_smem, kk_full, s_buf, j, STAGES: gl.constexpr):
+        s_idx = j % STAGES
+        mbarrier.wait(kk_full.index(s_idx), (j // STAGES) & 1)
+        s = warpgroup_mma(q, k_smem.index(s_idx).permute((1, 0)), s_buf, use_acc=False, is_async=True)
+        return warpgroup_mma_wait(0, deps=[s])
+
+    @gluon.jit
+    def _primal_block(s, acc_o, m_i, l_i, v_smem, vv_full, kv_empty, cols, N_K, j, qk_scale,
+                      row_o: gl.constexpr, p_layout: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                      LAST: gl.constexpr):
+        s_idx = j % STAGES
+        if j > 0:
+            mbarrier.arrive(kv_empty.index((j - 1) % STAGES), count=1)
+        if LAST:
+            start = j * BLOCK_N
+            s = gl.where((start + cols < N_K)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc_o = acc_o * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        mbarrier.wait(vv_full.index(s_idx), (j // STAGES) & 1)
+        acc_o = warpgroup_mma(p_op, v_smem.index(s_idx), acc_o, is_async=True)
+        acc_o = warpgroup_mma_wait(0, deps=[acc_o])
+        return acc_o, m_new, l_i, s
+
+    @gluon.jit
+    def _primal_consumer(q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, O, LSE, o_base, lse_base,
+                         stride_om, row0, N_Q, N_K, n_blocks, scale, WG: gl.constexpr):
+        BM: gl.constexpr = 64
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_smem.dtype
+
+        q = q_smem.index(WG)
+        qk_scale = scale * 1.4426950408889634
+        m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BM], gl.float32, row_s)
+        acc_o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        zero_s = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        mbarrier.wait(q_bar, 0)
+        s = _primal_score(q, k_smem, kk_full, zero_s, 0, STAGES)
+        for j in range(n_blocks - 1):
+            acc_o, m_i, l_i, s_dead = _primal_block(s, acc_o, m_i, l_i, v_smem, vv_full, kv_empty, cols, N_K, j,
+                                                    qk_scale, row_o, p_layout, STAGES, BLOCK_N, False)
+            s = _primal_score(q, k_smem, kk_full, s_dead, j + 1, STAGES)
+        acc_o, m_i, l_i, s_dead = _primal_block(s, acc_o, m_i, l_i, v_smem, vv_full, kv_empty, cols, N_K,
+                                                n_blocks - 1, qk_scale, row_o, p_layout, STAGES, BLOCK_N, True)
+        mbarrier.arrive(kv_empty.index((n_blocks - 1) % STAGES), count=1)
+
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        rows_s = row0 + WG * BM + gl.arange(0, BM, layout=row_s)
+        gl.store(LSE + lse_base + rows_s, (m_i + gl.log2(l_safe)) * 0.6931471805599453, mask=rows_s < N_Q)
+        o = acc_o * gl.convert_layout(1.0 / l_safe, row_o)[:, None]
+        rows = row0 + WG * BM + gl.arange(0, BM, layout=row_o)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        gl.store(O + o_base + rows[:, None] * stride_om + offs_d[None, :], o.to(dtype), mask=(rows < N_Q)[:, None])
+
+    @gluon.jit
+    def _primal_consumer_0(q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, O, LSE, o_base, lse_base,
+                           stride_om, row0, N_Q, N_K, n_blocks, scale):
+        _primal_consumer(q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, O, LSE, o_base, lse_base,
+                         stride_om, row0, N_Q, N_K, n_blocks, scale, 0)
+
+    @gluon.jit
+    def _primal_consumer_1(q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, O, LSE, o_base, lse_base,
+                           stride_om, row0, N_Q, N_K, n_blocks, scale):
+        _primal_consumer(q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, O, LSE, o_base, lse_base,
+                         stride_om, row0, N_Q, N_K, n_blocks, scale, 1)
+
+    @gluon.jit
+    def _primal_fwd_kernel(
+        Q, K, V, O, LSE,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        NUM_HEADS, N_Q, N_K, scale,
+        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        """O = softmax(s Q K^T) V and LSE: the fused kernel's layout with one score and one value GEMM."""
+        BM: gl.constexpr = 64
+        dtype: gl.constexpr = Q.dtype.element_ty
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = (pid_bh // NUM_HEADS).to(gl.int64)
+        off_h = (pid_bh % NUM_HEADS).to(gl.int64)
+        row0 = pid_m * (2 * BM)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, [N_Q, HEAD_DIM],
+                                            [stride_qm, 1], [BM, HEAD_DIM], q_layout)
+        k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, [N_K, HEAD_DIM],
+                                            [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+        v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, [N_K, HEAD_DIM],
+                                            [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kk_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        vv_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(kk_full.index(i), count=1)
+            mbarrier.init(vv_full.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)
+        fence_async_shared()
+        n_blocks = gl.cdiv(N_K, BLOCK_N)
+        lse_base = pid_bh.to(gl.int64) * N_Q
+        o_base = off_b * stride_ob + off_h * stride_oh
+        args = (q_smem, k_smem, v_smem, q_bar, kk_full, vv_full, kv_empty, O, LSE, o_base, lse_base, stride_om, row0,
+                N_Q, N_K, n_blocks, scale)
+        gl.warp_specialize(
+            [
+                (_primal_consumer_0, args),
+                (_primal_consumer_1, args),
+                (_primal_producer, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, kk_full, vv_full,
+                                    kv_empty, row0, n_blocks)),
+            ],
+            [4, 4],
+            [240, 24],
+        )
     # fmt: on
 
 
@@ -463,3 +618,23 @@ def tangent_forward(q, k, v, q_t, k_t, v_t, o, lse, o_t, scale: float, tiles: tu
     args = (q, k, v, q_t, k_t, v_t, o, o_t, lse, *strides, H, N_Q, k.shape[2], scale)
     _fused_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, TANGENT=True, num_warps=4)
     return o_t
+
+
+# primal (BLOCK_N, STAGES) per head dim: 128-key blocks; shared memory 32 + 2 x 64 KiB (D=128), 16 + 3 x 32 KiB
+PRIMAL_TILES = {64: (128, 3), 128: (128, 2)}
+
+
+def primal_forward(q, k, v, o, lse, scale: float, tiles: tuple[int, int] | None = None):
+    """Write O and LSE (natural log) of plain attention into o, lse with the warp-specialised primal kernel."""
+    if not available():
+        raise RuntimeError(f"attention_jvp_sm90: this Triton has no usable Gluon API ({_IMPORT_ERROR})")
+    import triton
+
+    B, H, N_Q, D = q.shape
+    block_n, stages = tiles or PRIMAL_TILES[D]
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]
+    grid = (triton.cdiv(N_Q, 2 * BLOCK_M_WG), B * H)
+    args = (q, k, v, o, lse, *strides, H, N_Q, k.shape[2], scale)
+    _primal_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, num_warps=4)
+    return o, lse

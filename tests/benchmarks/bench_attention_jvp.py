@@ -111,7 +111,9 @@ def check_case(case, dtype, seed, published, fh) -> bool:
     o2, lse2 = attention_forward(q, k, v, kv_seqlens=kv)
     o2_t = attention_tangent_forward(q, k, v, o2, lse2, q_t, k_t, v_t, kv_seqlens=kv)
     tag_t = "tangent sm90" if sm90 else "tangent"
-    results += [("primal o", rel_l2(o2, ref_o), base_o), (f"{tag_t} o_t", rel_l2(o2_t, ref_t), base_t)]
+    sm90_p = kernel_module._sm90_eligible(q, k, v, None, None, None, kv, need_tangents=False)
+    tag_p = "primal sm90" if sm90_p else "primal"
+    results += [(f"{tag_p} o", rel_l2(o2, ref_o), base_o), (f"{tag_t} o_t", rel_l2(o2_t, ref_t), base_t)]
     o3, o3_t, _ = kernel_module._launch_fwd(
         kernel_module.MODE_FUSED, q, k, v, q_t, k_t, v_t, None, D**-0.5, kv, use_tma=False
     )
@@ -191,6 +193,13 @@ def providers(q, k, v, q_t, k_t, v_t, published, want_published):
             else:
                 os.environ["RCM_ATTN_SM90"] = saved
 
+    def primal():
+        return attention_forward(q, k, v)
+
+    def primal_triton():
+        return kernel_module._launch_fwd(kernel_module.MODE_PRIMAL, q, k, v, None, None, None, None, D**-0.5, None,
+                                         use_tma=True)  # fmt: skip
+
     def sdpa(backend):
         def run():
             with sdpa_kernel([backend]):
@@ -204,7 +213,8 @@ def providers(q, k, v, q_t, k_t, v_t, published, want_published):
 
     out = {"ours fused fwd+jvp": (fused, 12), "ours fused, Triton kernel only": (fused_triton, 12),
            "ours torch.func.jvp(attention)": (func_jvp, 12),
-           "ours torch.func.jvp(attention), Triton only": (func_jvp_triton, 12)}  # fmt: skip
+           "ours torch.func.jvp(attention), Triton only": (func_jvp_triton, 12),
+           "ours primal fwd": (primal, 4), "ours primal fwd, Triton only": (primal_triton, 4)}  # fmt: skip
     if want_published:
         pub_fn = None if published is None else lambda: published.attention(q, k, v, q_t, k_t, v_t, False, D**-0.5)
         out["published rCM fwd+jvp"] = (pub_fn, 12)

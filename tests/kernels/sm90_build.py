@@ -1,6 +1,6 @@
 """Build the Gluon Hopper kernel for sm_90a offline (no GPU) and write its PTX and shared-memory size.
 
-    python -m tests.kernels.sm90_build HEAD_DIM OUT_DIR [tangent]
+    python -m tests.kernels.sm90_build HEAD_DIM OUT_DIR [fused|tangent|primal]
 
 Run as its own process: the kernel tests set TRITON_INTERPRET=1, under which Triton's standard-library
 helpers (tl.max, ...) turn into interpreter objects that a real compile rejects.
@@ -17,10 +17,15 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from rcm_core.kernels import attention_jvp_sm90
 
 
-def build(head_dim: int, tangent: bool = False):
-    fn = attention_jvp_sm90._fused_fwd_kernel
-    block_n, stages = attention_jvp_sm90.SM90_TILES[head_dim]
-    consts = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, TANGENT=tangent)
+def build(head_dim: int, mode: str = "fused"):
+    if mode == "primal":
+        fn = attention_jvp_sm90._primal_fwd_kernel
+        block_n, stages = attention_jvp_sm90.PRIMAL_TILES[head_dim]
+        consts = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages)
+    else:
+        fn = attention_jvp_sm90._fused_fwd_kernel
+        block_n, stages = attention_jvp_sm90.SM90_TILES[head_dim]
+        consts = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, TANGENT=mode == "tangent")
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -36,6 +41,6 @@ def build(head_dim: int, tangent: bool = False):
 
 if __name__ == "__main__":
     head_dim, out = int(sys.argv[1]), pathlib.Path(sys.argv[2])
-    kernel = build(head_dim, tangent=sys.argv[3:] == ["tangent"])
+    kernel = build(head_dim, mode=sys.argv[3] if len(sys.argv) > 3 else "fused")
     (out / "k.ptx").write_text(kernel.asm["ptx"])
     (out / "meta.json").write_text(json.dumps({"shared": kernel.metadata.shared}))

@@ -18,7 +18,14 @@ import pytest
 import torch
 import triton
 
-from rcm_core.kernels import attention, attention_jvp, attention_jvp_forward, attention_jvp_ref, attention_jvp_sm90
+from rcm_core.kernels import (
+    attention,
+    attention_forward,
+    attention_jvp,
+    attention_jvp_forward,
+    attention_jvp_ref,
+    attention_jvp_sm90,
+)
 from tests.kernels.test_attention_jvp import check, kernel_module, make_inputs, rel_l2
 
 IS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -26,13 +33,11 @@ SMEM_LIMIT = 232448  # bytes of shared memory a Hopper CTA may use (227 KiB)
 
 
 @pytest.mark.skipif(not attention_jvp_sm90.available(), reason="this Triton has no Gluon")
-@pytest.mark.parametrize("mode", ["fused", "tangent"])
+@pytest.mark.parametrize("mode", ["fused", "tangent", "primal"])
 @pytest.mark.parametrize("head_dim", sorted(attention_jvp_sm90.SM90_TILES))
 def test_builds_for_hopper_without_serialised_wgmma(tmp_path, head_dim, mode):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    build = [sys.executable, "-m", "tests.kernels.sm90_build", str(head_dim), str(tmp_path)] + (
-        ["tangent"] if mode == "tangent" else []
-    )
+    build = [sys.executable, "-m", "tests.kernels.sm90_build", str(head_dim), str(tmp_path), mode]
     subprocess.run(build, env=env, check=True, capture_output=True, timeout=300)
     ptx = (tmp_path / "k.ptx").read_text()
     shared = json.loads((tmp_path / "meta.json").read_text())["shared"]
@@ -114,6 +119,9 @@ def test_dispatch_rule(monkeypatch, change, expected):
         tangents[change["drop"]] = None
     kv = object() if change.get("kv_seqlens") else None
     assert kernel_module._sm90_eligible(q, k, v, tangents["q_t"], tangents["k_t"], tangents["v_t"], kv) is expected
+    # the primal mode needs no tangents (the unaligned tensor here is a tangent); every other rule is the same
+    primal_expected = expected or bool(change.get("drop") or change.get("unaligned"))
+    assert kernel_module._sm90_eligible(q, k, v, None, None, None, kv, need_tangents=False) is primal_expected
 
 
 # -- Hopper only ----------------------------------------------------------------------------------------------------
@@ -184,6 +192,32 @@ def test_sm90_tangent_kernel_under_func_jvp(gen, monkeypatch, shape, dtype):
     monkeypatch.setenv("RCM_ATTN_SM90", "0")
     _, o_t2 = torch.func.jvp(attention, inputs[:3], inputs[3:])
     assert rel_l2(o_t, o_t2) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 1000, 1000, 128), (1, 2, 777, 450, 64), (1, 4, 4096, 4096, 128)])
+def test_sm90_primal_kernel_matches_reference(gen, monkeypatch, shape, dtype):
+    inputs = make_inputs(gen, *shape, dtype)
+    calls = []
+    real = attention_jvp_sm90.primal_forward
+    monkeypatch.setattr(attention_jvp_sm90, "primal_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    o, lse = attention_forward(*inputs[:3])
+    assert calls, "the Gluon primal kernel did not run"
+    check("o", o, attention_jvp_ref(*inputs[:3], upcast=False)[0], attention_jvp_ref(*inputs[:3])[0])
+    q, k = inputs[0].double(), inputs[1].double()
+    ref_lse = torch.logsumexp(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-4
+    # backward through `attention` reads the primal's saved LSE
+    grads = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("RCM_ATTN_SM90", flag)
+        leaves = [x.detach().clone().requires_grad_() for x in inputs[:3]]
+        (attention(*leaves).float() * torch.linspace(-1, 1, shape[-1], device="cuda")).sum().backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.isfinite(a).all() and rel_l2(a, b) < 1e-2
 
 
 @pytest.mark.gpu
