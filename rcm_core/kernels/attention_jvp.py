@@ -45,10 +45,9 @@ D=64, where exp2 takes a third of the GEMM time, the fused kernel stays near 540
 autotuned per head dim, mode and power-of-two length bucket (not exact lengths), so nearby sequence lengths reuse
 one tuned, compiled kernel.
 
-On a Hopper GPU the fused op and the tangent-only op (the jvp rule of `attention`) at head dim 64 and 128
-(bf16/fp16, all tangents, no key-padding mask) run the warp-specialised Gluon kernel in `attention_jvp_sm90.py`
-instead (`_sm90_eligible`; measured on an H100 in docs/benchmarks.md); the primal and backward kernels are
-this module's.
+On a Hopper GPU the fused, primal and tangent-only ops at head dim 64 and 128 (bf16/fp16, no key-padding mask,
+all tangents where tangents are used) run the warp-specialised Gluon kernels in `attention_jvp_sm90.py`
+instead (`_sm90_eligible`; measured on an H100 in docs/benchmarks.md); the backward kernels are this module's.
 
 Based on: FlashAttention-2 (Dao 2023, arXiv 2307.08691) for the tiling and online softmax; the Triton fused
 attention tutorial for the kernel layout; rCM (arXiv 2510.08431) for the idea of a FlashAttention JVP kernel;

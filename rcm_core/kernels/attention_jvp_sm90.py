@@ -1,10 +1,10 @@
-"""Warp-specialised Hopper (sm_90) fused attention forward + JVP (and tangent-only JVP), written in Gluon.
+"""Warp-specialised Hopper (sm_90) attention kernels in Gluon: fused forward + JVP, tangent-only JVP, primal.
 
 Why a second kernel: the Triton kernel in `attention_jvp.py` cannot overlap its softmax with tensor-core work.
 Triton waits for every wgmma group whose result the same key block uses, and the two warpgroups of a program
 meet at a CTA barrier at each TMA refill, so the GEMMs and the exp2/FMA stretch of every key block run one
 after the other on the whole SM (docs/benchmarks.md reads this off the SASS). Gluon, Triton's lower-level
-dialect, exposes asynchronous wgmma with explicit waits, mbarriers and warp specialisation. This kernel:
+dialect, exposes asynchronous wgmma with explicit waits, mbarriers and warp specialisation. The fused kernel:
 
   * one CTA = 128 query rows of one head, three warpgroups: a producer that only issues TMA loads (Q, Q_t
     once; then K, K_t and V, V_t per key block into a ring of STAGES shared-memory slots) and two consumer
@@ -25,13 +25,17 @@ The same kernel with TANGENT=True is the tangent-only mode (the jvp rule of `att
 `torch.func.jvp` through the DiT runs): P exact from the saved LSE, no running max, no O accumulator, O_t from
 the saved O; 5 GEMMs per key block.
 
+`_primal_fwd_kernel` is the plain FlashAttention forward (O and LSE; 2 GEMMs per key block, 128-key blocks) in
+the same producer / two-consumer layout, for `attention` / `attention_forward`.
+
 The maths is that of `_attn_jvp_fwd_block` (MODE 1, eager rescale): S = s Q K^T, S_t = s (Q_t K^T + Q K_t^T),
 P = softmax(S), H = P * S_t, O_t = P V_t + H V - diag(rowsum H) O, online softmax in log2 units, LSE stored.
 
 Scope (`attention_jvp._sm90_eligible` decides): CUDA compute capability 9.x, bf16/fp16, head dim 64 or 128, all
-three tangents given, no key-padding mask, TMA-compatible strides. Everything else runs the Triton kernel. Gluon is
-experimental: the module imports it defensively (`available()`), and bridges two API renames between
-Triton 3.6 (the GPU image) and 3.9 (CI, which builds the kernel for sm_90a offline in a test).
+three tangents given (fused and tangent-only modes), no key-padding mask, TMA-compatible strides. Everything
+else runs the Triton kernels. Gluon is experimental: the module imports it defensively (`available()`), and
+bridges two API renames between Triton 3.6 (the GPU image) and 3.9 (CI, which builds the kernels for sm_90a
+offline in a test).
 """
 
 from __future__ import annotations
