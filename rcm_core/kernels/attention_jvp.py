@@ -690,7 +690,8 @@ def _sm90_eligible(q, k, v, q_t, k_t, v_t, kv_seqlens, need_tangents: bool = Tru
         return False
     if need_tangents and (q_t is None or k_t is None or v_t is None):
         return False
-    if kv_seqlens is not None:
+    if kv_seqlens is not None or q.shape[2] == 0 or k.shape[2] == 0:
+        # (no keys: the Gluon consumers would wait for a first key block that never comes)
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9 or not attention_jvp_sm90.available():
         return False

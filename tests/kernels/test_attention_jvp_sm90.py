@@ -100,6 +100,7 @@ class _Stand:
         ({"kv_seqlens": True}, False),
         ({"is_cuda": False}, False),
         ({"unaligned": True}, False),
+        ({"no_keys": True}, False),
     ],
     ids=lambda x: str(x),
 )
@@ -112,6 +113,8 @@ def test_dispatch_rule(monkeypatch, change, expected):
     shape = (1, 2, 256, change.get("head_dim", 128))
     kw = dict(shape=shape, dtype=change.get("dtype", torch.bfloat16), is_cuda=change.get("is_cuda", True))
     q, k, v, q_t, k_t, v_t = (_Stand(**kw) for _ in range(6))
+    if change.get("no_keys"):
+        k, v, k_t, v_t = (_Stand(**{**kw, "shape": (1, 2, 0, 128)}) for _ in range(4))
     if change.get("unaligned"):
         k_t = _Stand(**kw, ptr=(1 << 20) + 2)
     tangents = {"q_t": q_t, "k_t": k_t, "v_t": v_t}
