@@ -88,6 +88,23 @@ def available() -> bool:
 if _IMPORT_ERROR is None:
     # fmt: off
     @gluon.jit
+    def _head_desc(base, stride_b, stride_h, stride_n, off_b, off_h, n, rows: gl.constexpr, head_dim: gl.constexpr,
+                   layout: gl.constexpr):
+        """A per-head 2-D TMA descriptor over (n, head_dim): zero fill past n, boxes of `rows` rows."""
+        return tma.make_tensor_descriptor(base + off_b * stride_b + off_h * stride_h, [n, head_dim], [stride_n, 1],
+                                          [rows, head_dim], layout)
+
+    @gluon.jit
+    def _init_barriers(q_bar, kk_full, vv_full, kv_empty, STAGES: gl.constexpr):
+        """Q barrier and the ring's full/empty barriers ("empty" is released by both consumers)."""
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(kk_full.index(i), count=1)
+            mbarrier.init(vv_full.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)
+        fence_async_shared()
+
+    @gluon.jit
     def _producer(k_desc, kt_desc, v_desc, vt_desc, q_desc, qt_desc, q_smem, qt_smem, k_smem, kt_smem, v_smem,
                   vt_smem, q_bar, kk_full, vv_full, kv_empty, row0, n_blocks):
         """TMA only: Q/Q_t once, then K, K_t (one barrier) and V, V_t (another) per key block into the ring."""
@@ -373,18 +390,12 @@ if _IMPORT_ERROR is None:
 
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, [N_Q, HEAD_DIM],
-                                            [stride_qm, 1], [BM, HEAD_DIM], q_layout)
-        qt_desc = tma.make_tensor_descriptor(QT + off_b * stride_qtb + off_h * stride_qth, [N_Q, HEAD_DIM],
-                                             [stride_qtm, 1], [BM, HEAD_DIM], q_layout)
-        k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, [N_K, HEAD_DIM],
-                                            [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-        kt_desc = tma.make_tensor_descriptor(KT + off_b * stride_ktb + off_h * stride_kth, [N_K, HEAD_DIM],
-                                             [stride_ktn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, [N_K, HEAD_DIM],
-                                            [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-        vt_desc = tma.make_tensor_descriptor(VT + off_b * stride_vtb + off_h * stride_vth, [N_K, HEAD_DIM],
-                                             [stride_vtn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+        q_desc = _head_desc(Q, stride_qb, stride_qh, stride_qm, off_b, off_h, N_Q, BM, HEAD_DIM, q_layout)
+        qt_desc = _head_desc(QT, stride_qtb, stride_qth, stride_qtm, off_b, off_h, N_Q, BM, HEAD_DIM, q_layout)
+        k_desc = _head_desc(K, stride_kb, stride_kh, stride_kn, off_b, off_h, N_K, BLOCK_N, HEAD_DIM, kv_layout)
+        kt_desc = _head_desc(KT, stride_ktb, stride_kth, stride_ktn, off_b, off_h, N_K, BLOCK_N, HEAD_DIM, kv_layout)
+        v_desc = _head_desc(V, stride_vb, stride_vh, stride_vn, off_b, off_h, N_K, BLOCK_N, HEAD_DIM, kv_layout)
+        vt_desc = _head_desc(VT, stride_vtb, stride_vth, stride_vtn, off_b, off_h, N_K, BLOCK_N, HEAD_DIM, kv_layout)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_layout)
         qt_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_layout)
@@ -396,12 +407,7 @@ if _IMPORT_ERROR is None:
         kk_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         vv_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(kk_full.index(i), count=1)
-            mbarrier.init(vv_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)
-        fence_async_shared()
+        _init_barriers(q_bar, kk_full, vv_full, kv_empty, STAGES)
 
         n_blocks = gl.cdiv(N_K, BLOCK_N)
         lse_base = pid_bh.to(gl.int64) * N_Q
@@ -549,12 +555,9 @@ if _IMPORT_ERROR is None:
         row0 = pid_m * (2 * BM)
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, [N_Q, HEAD_DIM],
-                                            [stride_qm, 1], [BM, HEAD_DIM], q_layout)
-        k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, [N_K, HEAD_DIM],
-                                            [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, [N_K, HEAD_DIM],
-                                            [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+        q_desc = _head_desc(Q, stride_qb, stride_qh, stride_qm, off_b, off_h, N_Q, BM, HEAD_DIM, q_layout)
+        k_desc = _head_desc(K, stride_kb, stride_kh, stride_kn, off_b, off_h, N_K, BLOCK_N, HEAD_DIM, kv_layout)
+        v_desc = _head_desc(V, stride_vb, stride_vh, stride_vn, off_b, off_h, N_K, BLOCK_N, HEAD_DIM, kv_layout)
         q_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
@@ -562,12 +565,7 @@ if _IMPORT_ERROR is None:
         kk_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         vv_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(kk_full.index(i), count=1)
-            mbarrier.init(vv_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)
-        fence_async_shared()
+        _init_barriers(q_bar, kk_full, vv_full, kv_empty, STAGES)
         n_blocks = gl.cdiv(N_K, BLOCK_N)
         lse_base = pid_bh.to(gl.int64) * N_Q
         o_base = off_b * stride_ob + off_h * stride_oh
