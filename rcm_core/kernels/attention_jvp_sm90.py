@@ -584,59 +584,51 @@ if _IMPORT_ERROR is None:
     # fmt: on
 
 
+# primal (BLOCK_N, STAGES) per head dim: 128-key blocks; shared memory 32 + 2 x 64 KiB (D=128), 16 + 3 x 32 KiB
+PRIMAL_TILES = {64: (128, 3), 128: (128, 2)}
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # global memory where the CTAs write their in-kernel TMA descriptors (Triton asks this allocator for it)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch(kernel, strided, lse, scale: float, tiles: tuple[int, int], **flags) -> None:
+    """One launch: `strided` = the kernel's (B, H, N, D) tensor arguments in order (q first, k second), whose
+    batch/head/row strides follow, then LSE, the head count, the lengths and the scale."""
+    if not available():
+        raise RuntimeError(f"attention_jvp_sm90: this Triton has no usable Gluon API ({_IMPORT_ERROR})")
+    import triton
+
+    q, k = strided[0], strided[1]
+    B, H, N_Q, D = q.shape
+    block_n, stages = tiles
+    triton.set_allocator(_scratch)
+    strides = [st for t in strided for st in (t.stride(0), t.stride(1), t.stride(2))]
+    grid = (triton.cdiv(N_Q, 2 * BLOCK_M_WG), B * H)
+    kernel[grid](*strided, lse, *strides, H, N_Q, k.shape[2], scale, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages,
+                 num_warps=4, **flags)  # fmt: skip
+
+
 def fused_forward(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale: float, tiles: tuple[int, int] | None = None):
     """Write O, O_t (B, H, Nq, D) and LSE (B, H, Nq) of the fused forward + JVP into o, o_t, lse.
 
     Inputs as `attention_jvp_forward` takes them, already checked there and eligible (`_sm90_eligible`);
     tiles = (BLOCK_N, STAGES) overrides `SM90_TILES` (benchmarks only).
     """
-    if not available():
-        raise RuntimeError(f"attention_jvp_sm90: this Triton has no usable Gluon API ({_IMPORT_ERROR})")
-    import triton
-
-    B, H, N_Q, D = q.shape
-    block_n, stages = tiles or SM90_TILES[D]
-    # the in-kernel TMA descriptors live in global scratch that Triton asks this allocator for
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
-    strides = [st for t in (q, k, v, q_t, k_t, v_t, o, o_t) for st in (t.stride(0), t.stride(1), t.stride(2))]
-    grid = (triton.cdiv(N_Q, 2 * BLOCK_M_WG), B * H)
-    args = (q, k, v, q_t, k_t, v_t, o, o_t, lse, *strides, H, N_Q, k.shape[2], scale)
-    _fused_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, num_warps=4)
+    _launch(_fused_fwd_kernel, (q, k, v, q_t, k_t, v_t, o, o_t), lse, scale, tiles or SM90_TILES[q.shape[-1]])
     return o, o_t, lse
 
 
 def tangent_forward(q, k, v, q_t, k_t, v_t, o, lse, o_t, scale: float, tiles: tuple[int, int] | None = None):
     """Write O_t into o_t from the saved forward output o and LSE (natural log, (B, H, Nq) contiguous);
     the warp-specialised counterpart of the Triton kernel's tangent-only mode."""
-    if not available():
-        raise RuntimeError(f"attention_jvp_sm90: this Triton has no usable Gluon API ({_IMPORT_ERROR})")
-    import triton
-
-    B, H, N_Q, D = q.shape
-    block_n, stages = tiles or SM90_TILES[D]
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
-    strides = [st for t in (q, k, v, q_t, k_t, v_t, o, o_t) for st in (t.stride(0), t.stride(1), t.stride(2))]
-    grid = (triton.cdiv(N_Q, 2 * BLOCK_M_WG), B * H)
-    args = (q, k, v, q_t, k_t, v_t, o, o_t, lse, *strides, H, N_Q, k.shape[2], scale)
-    _fused_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, TANGENT=True, num_warps=4)
+    tiles = tiles or SM90_TILES[q.shape[-1]]
+    _launch(_fused_fwd_kernel, (q, k, v, q_t, k_t, v_t, o, o_t), lse, scale, tiles, TANGENT=True)
     return o_t
-
-
-# primal (BLOCK_N, STAGES) per head dim: 128-key blocks; shared memory 32 + 2 x 64 KiB (D=128), 16 + 3 x 32 KiB
-PRIMAL_TILES = {64: (128, 3), 128: (128, 2)}
 
 
 def primal_forward(q, k, v, o, lse, scale: float, tiles: tuple[int, int] | None = None):
     """Write O and LSE (natural log) of plain attention into o, lse with the warp-specialised primal kernel."""
-    if not available():
-        raise RuntimeError(f"attention_jvp_sm90: this Triton has no usable Gluon API ({_IMPORT_ERROR})")
-    import triton
-
-    B, H, N_Q, D = q.shape
-    block_n, stages = tiles or PRIMAL_TILES[D]
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=q.device))
-    strides = [st for t in (q, k, v, o) for st in (t.stride(0), t.stride(1), t.stride(2))]
-    grid = (triton.cdiv(N_Q, 2 * BLOCK_M_WG), B * H)
-    args = (q, k, v, o, lse, *strides, H, N_Q, k.shape[2], scale)
-    _primal_fwd_kernel[grid](*args, HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, num_warps=4)
+    _launch(_primal_fwd_kernel, (q, k, v, o), lse, scale, tiles or PRIMAL_TILES[q.shape[-1]])
     return o, lse
