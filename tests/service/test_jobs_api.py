@@ -23,6 +23,7 @@ def app_and_tokens(tmp_path_factory):
         S3_SECRET_KEY="s",
         RECONCILE_INTERVAL_S="3600",
         MAX_BODY_BYTES="4096",
+        RATE_LIMIT_PER_S="1000",  # these tests are not about the rate limit (tests/service/test_rate_limits.py)
     )
     from service.settings import get_settings
 
