@@ -12,6 +12,7 @@ lifetime and polled the store synchronously on the event loop). Now:
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from service.db import Job
 from service.schemas import TERMINAL_STATES, JobEventPublic, JobState
 from service.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from cutting a quiet stream
 MAX_EVENTS_PER_POLL = 500  # bounds one poll's memory; the rest comes with the next poll
 RECONNECT_MS = 3000  # the SSE `retry:` hint sent first
@@ -72,7 +74,8 @@ async def _stream(
         while True:
             try:
                 events, ended = await anyio.to_thread.run_sync(_poll, make_session, job_id, after, limiter=threads)
-            except SQLAlchemyError:  # the store is busy or down: end the stream, the client reconnects later
+            except SQLAlchemyError as exc:  # the store is busy or down: end the stream, the client reconnects later
+                log.warning("event stream of job %s ended: %s", job_id, type(exc).__name__)
                 return
             now = time.monotonic()
             for e in events:
