@@ -296,3 +296,8 @@ class ErrorPublic(BaseModel):
     """Body of every error other than 422: what went wrong, in one line."""
 
     detail: str
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool] = Field(description="per dependency (database, ray, mlflow, s3): whether it answered")

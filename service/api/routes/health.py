@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from service.api.deps import ClusterDep, SessionDep
+from service.schemas import ReadyPublic
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +18,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=ReadyPublic,
+    responses={503: {"model": ReadyPublic, "description": "The database or a backend does not answer"}},
+)
 def readyz(session: SessionDep, cluster: ClusterDep) -> JSONResponse:
     """The database and every backend (Ray, MLflow, S3) answer."""
     checks = {"database": True}
