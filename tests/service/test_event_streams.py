@@ -214,3 +214,26 @@ def test_read_events_stream_lifetime_limit(tmp_path):
         assert 1.9 < time.monotonic() - t0 < 6
     finally:
         live.stop()
+
+
+def test_follow_job_events_reconnects_across_idle_ends_until_the_job_ends(short_api):
+    """rcm_client's follow(): the server ends idle streams, the client resumes from the last id it saw."""
+    from rcm_client.client import RcmClient
+
+    api = short_api
+    job_id = _job(api)
+    seen = []
+    follower = threading.Thread(
+        target=lambda: seen.extend(RcmClient(api.url, api.tokens["a"]).follow(job_id)), daemon=True
+    )
+    follower.start()
+    time.sleep(4)  # at least two idle ends (1.5 s each) while the job waits
+    with api.client() as c:
+        assert c.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers()).status_code == 202
+    follower.join(timeout=20)
+    assert not follower.is_alive()
+    ids = [e["id"] for e in seen]
+    assert ids == sorted(set(ids)), ids  # nothing twice, nothing out of order
+    states = [e["data"]["state"] for e in seen if e["kind"] == "state"]
+    assert states == ["QUEUED", "CANCELLING", "CANCELLED"], states
+    assert api.log_text().count(f"GET /v1/jobs/{job_id}/events") >= 3  # it did reconnect
