@@ -44,7 +44,8 @@ def get_tenant(
 
 
 def get_cluster(request: Request) -> Cluster:
-    return request.app.state.cluster
+    cluster: Cluster = request.app.state.cluster
+    return cluster
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -22,7 +22,7 @@ import anyio
 from fastapi import APIRouter, Header, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.api.deps import SessionDep, TenantDep
@@ -50,7 +50,7 @@ _SSE_200: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _poll(make_session: sessionmaker, job_id: str, after: int) -> tuple[list[JobEventPublic], bool]:
+def _poll(make_session: sessionmaker[Session], job_id: str, after: int) -> tuple[list[JobEventPublic], bool]:
     """(events after `after`, whether the job has ended and nothing more will come), on a short session."""
     with make_session() as s:
         rows = crud.events_after(s, job_id, after, limit=MAX_EVENTS_PER_POLL)
@@ -61,7 +61,7 @@ def _poll(make_session: sessionmaker, job_id: str, after: int) -> tuple[list[Job
 
 
 async def _stream(
-    make_session: sessionmaker,
+    make_session: sessionmaker[Session],
     threads: anyio.CapacityLimiter,
     job_id: str,
     after: int,

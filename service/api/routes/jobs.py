@@ -53,8 +53,10 @@ IDEMPOTENCY_KEY_DOC = (
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "Idempotent retry: the job this key created first"}}
-    | error_responses(400, 401, 413, 429, 503),
+    responses={
+        200: {"model": JobPublic, "description": "Idempotent retry: the job this key created first"},
+        **error_responses(400, 401, 413, 429, 503),
+    },
 )
 def create_job(
     spec: JobCreate,
