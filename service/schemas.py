@@ -89,8 +89,8 @@ class DataSpec(_Strict):
 
 
 class MethodSpec(_Strict):
-    # Bounds keep every run in a range where the losses stay finite in float32 (dmd_weight 1e300 gave NaN at
-    # step 1); they are wide around the paper's values (lambda 0.01, P_mean 0, P_std 1.6), not tuned.
+    # Bounds keep every run in a range where the losses can stay finite in float32 (dmd_weight 1e300 made every
+    # loss non-finite); they are wide around the paper's values (lambda 0.01, P_mean 0, P_std 1.6), not tuned.
     scm_weight: float = Field(1.0, ge=0, le=10)
     dmd_weight: float = Field(0.01, ge=0, le=10, description="lambda")
     p_mean: float = Field(0.0, ge=-5, le=5, description="mean of the log-normal proposal of log(sigma)")
