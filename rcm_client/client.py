@@ -93,3 +93,4 @@ class RcmClient:
                         yield json.loads(line[6:])
             if self.job(job_id)["state"] in TERMINAL_STATES:
                 return
+            time.sleep(1.0)  # the stream ended early (idle, lifetime or a busy server): reconnect, gently
