@@ -108,7 +108,7 @@ class LiveApi:
         return float(m.group(1))
 
 
-def run_in_threads(fn, n: int) -> list:  # type: ignore[no-untyped-def]
+def run_in_threads(fn, n: int) -> list:
     """Call `fn(i)` for i in range(n) on n threads released together; results (or exceptions) in order."""
     results: list = [None] * n
     barrier = threading.Barrier(n)
