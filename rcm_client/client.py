@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+TERMINAL_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 class ApiError(RuntimeError):
@@ -69,12 +72,25 @@ class RcmClient:
         return self._call("GET", f"/v1/jobs/{job_id}/events")
 
     def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Server-sent events: the job's history, then live events until it ends."""
-        headers = {"Accept": "text/event-stream"}
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as r:
-            if r.status_code >= 400:
-                r.read()
-                raise ApiError(r.status_code, r.json().get("detail"))
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    yield json.loads(line[6:])
+        """Server-sent events: the job's history, then live events until it ends.
+
+        The server ends a stream after an idle period or a lifetime limit while the job may still run:
+        reconnect from the last event id seen until the job is terminal (waiting Retry-After on a 429)."""
+        last_id: int | None = None
+        while True:
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last_id)} if last_id else {})}
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as r:
+                if r.status_code == 429:
+                    time.sleep(float(r.headers.get("retry-after", "5")))
+                    continue
+                if r.status_code >= 400:
+                    r.read()
+                    raise ApiError(r.status_code, r.json().get("detail"))
+                for line in r.iter_lines():
+                    if line.startswith("id: "):
+                        last_id = int(line[4:])
+                    elif line.startswith("data: "):
+                        yield json.loads(line[6:])
+            if self.job(job_id)["state"] in TERMINAL_STATES:
+                return
+            time.sleep(1.0)  # the stream ended early (idle, lifetime or a busy server): reconnect, gently

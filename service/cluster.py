@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import boto3
 import httpx
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
 
@@ -23,6 +24,10 @@ RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 class ClusterJobStatus:
     status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states)
     message: str | None = None
+
+
+class ClusterUnavailable(Exception):
+    """A backend a request needs (S3, Ray, MLflow) did not answer; the API turns this into 503 + Retry-After."""
 
 
 class Cluster(Protocol):
@@ -45,7 +50,14 @@ def s3_client(settings: Settings):
         aws_access_key_id=settings.S3_ACCESS_KEY,
         aws_secret_access_key=settings.S3_SECRET_KEY,
         region_name=settings.S3_REGION,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+        # Short connect timeout: a request waiting on an unreachable S3 holds an API thread (boto3's default is 60 s).
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 2},
+            connect_timeout=5,
+            read_timeout=30,
+        ),
     )
 
 
@@ -135,10 +147,20 @@ class RayCluster:
 
     # -- S3 ------------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
-        self.s3.put_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=cancel_marker_key(job_id), Body=b"cancel")
+        """Raises ClusterUnavailable when object storage does not answer."""
+        try:
+            self.s3.put_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=cancel_marker_key(job_id), Body=b"cancel")
+        except (BotoCoreError, ClientError) as exc:
+            raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        """Complete checkpoints (their manifest.json exists), oldest first."""
+        """Complete checkpoints (their manifest.json exists), oldest first; ClusterUnavailable if S3 is down."""
+        try:
+            return self._checkpoints(job_id)
+        except (BotoCoreError, ClientError) as exc:  # connection refused/timed out, or S3 answering 5xx/403
+            raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
+
+    def _checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         bucket, out = self.settings.CHECKPOINT_BUCKET, []
         paginator = self.s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=checkpoint_prefix(job_id)):

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import ApiToken, Job, JobEvent
@@ -38,10 +39,32 @@ def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any] | N
     session.add(JobEvent(job_id=job_id, kind=kind, data=data or {}))
 
 
+class IdempotencyKeyReused(Exception):
+    """The tenant already used this Idempotency-Key for a request with a different job spec."""
+
+
+def spec_sha256(spec: JobCreate | dict[str, Any]) -> str:
+    """Hash of the canonical job spec (defaults filled in, keys sorted): equal for requests that mean the same job."""
+    data = spec.model_dump(mode="json") if isinstance(spec, JobCreate) else spec
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _job_for_key(session: Session, tenant: str, key: str, digest: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+    if job is not None and (job.request_sha256 or spec_sha256(job.spec)) != digest:  # rows from before 0002: hash
+        raise IdempotencyKeyReused(key)
+    return job
+
+
 def create_job(session: Session, tenant: str, spec: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
-    """Insert a QUEUED job; with an idempotency key already used by this tenant, return that job instead."""
-    if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
+    """Insert a QUEUED job; with an idempotency key already used by this tenant, return that job instead.
+
+    Concurrent requests with one key race on the unique (tenant, idempotency_key) constraint: the loser
+    rolls back and returns the winner's job. Raises IdempotencyKeyReused if the key's job has another spec.
+    """
+    digest = spec_sha256(spec) if idempotency_key else None
+    if idempotency_key and digest:
+        existing = _job_for_key(session, tenant, idempotency_key, digest)
         if existing:
             return existing, False
     job = Job(
@@ -51,6 +74,7 @@ def create_job(session: Session, tenant: str, spec: JobCreate, idempotency_key: 
         state=JobState.QUEUED,
         spec=spec.model_dump(mode="json"),
         idempotency_key=idempotency_key,
+        request_sha256=digest,
         step=0,
         total_steps=spec.schedule.steps,
         metrics={},
@@ -58,7 +82,14 @@ def create_job(session: Session, tenant: str, spec: JobCreate, idempotency_key: 
     )
     session.add(job)
     add_event(session, job.id, "state", {"state": JobState.QUEUED})
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        winner = _job_for_key(session, tenant, idempotency_key, digest) if idempotency_key and digest else None
+        if winner is None:
+            raise
+        return winner, False
     return job, True
 
 
@@ -78,9 +109,17 @@ def _encode_cursor(created_at: dt.datetime, job_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    """Raises ValueError for a malformed cursor."""
-    created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    return dt.datetime.fromisoformat(created), str(job_id)
+    """Raises ValueError for a malformed cursor: anything `_encode_cursor` could not have written."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except RecursionError:  # deeply nested JSON: json's C decoder recurses once per level
+        raise ValueError("malformed cursor") from None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise ValueError("malformed cursor")
+    created = dt.datetime.fromisoformat(value[0])
+    if created.tzinfo is not None:  # the store keeps naive UTC
+        created = created.astimezone(dt.UTC).replace(tzinfo=None)
+    return created, value[1]
 
 
 def list_jobs(
@@ -98,9 +137,9 @@ def list_jobs(
     return rows[:limit], next_cursor
 
 
-def events_after(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:
+def events_after(session: Session, job_id: str, after_id: int = 0, limit: int | None = None) -> list[JobEvent]:
     q = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id)
-    return list(session.scalars(q))
+    return list(session.scalars(q.limit(limit) if limit is not None else q))
 
 
 def active_jobs(session: Session) -> list[Job]:

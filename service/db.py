@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
 def utcnow() -> dt.datetime:
@@ -36,6 +36,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # spec hash, with a key only
     ray_submission_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
@@ -56,14 +57,17 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, pool_timeout_s: float = 30.0) -> Engine:
+    """An engine with a bounded connection pool: a checkout waits at most `pool_timeout_s`, then raises
+    sqlalchemy.exc.TimeoutError (the API answers 503; see service/api/errors.py)."""
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return create_engine(url, connect_args={"check_same_thread": False})
-    return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, connect_args={"check_same_thread": False}, **pool)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 

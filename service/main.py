@@ -1,13 +1,16 @@
-"""The FastAPI app: routers, lifespan (migrations, cluster backend, reconciler), body-size limit."""
+"""The FastAPI app: routers, lifespan (migrations, cluster backend, reconciler), limits, error handlers."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from service.api.routes import health, jobs
+from service.api.errors import install_error_handlers
+from service.api.limits import install_limits
+from service.api.middleware import BodySizeLimit
+from service.api.routes import events, health, jobs
 from service.cluster import RayCluster
 from service.db import make_engine, make_sessionmaker, run_migrations
 from service.reconciler import Reconciler
@@ -15,10 +18,17 @@ from service.settings import get_settings
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI):
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     run_migrations(settings.DATABASE_URL)
-    app.state.sessionmaker = make_sessionmaker(make_engine(settings.DATABASE_URL))
+    app.state.engine = make_engine(
+        settings.DATABASE_URL,
+        pool_size=settings.DB_POOL_SIZE,
+        max_overflow=settings.DB_MAX_OVERFLOW,
+        pool_timeout_s=settings.DB_POOL_TIMEOUT_S,
+    )
+    app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    install_limits(app.state, settings)
     if not hasattr(app.state, "cluster"):  # tests may install their own backend first
         if settings.CLUSTER_BACKEND == "kuberay":
             from service.kuberay import KubeRayCluster  # imports the kubernetes client only when it is used
@@ -35,11 +45,6 @@ async def lifespan(app: FastAPI):
 app = FastAPI(title="rcm-distill control plane", version="0.1.0", lifespan=lifespan)
 app.include_router(health.router)
 app.include_router(jobs.router)
-
-
-@app.middleware("http")
-async def limit_body_size(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > get_settings().MAX_BODY_BYTES:
-        return JSONResponse({"detail": f"request body over {get_settings().MAX_BODY_BYTES} bytes"}, status_code=413)
-    return await call_next(request)
+app.include_router(events.router)
+install_error_handlers(app)
+app.add_middleware(BodySizeLimit, max_bytes=lambda: get_settings().MAX_BODY_BYTES)

@@ -11,9 +11,9 @@ import datetime as dt
 import math
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_TEACHERS = {"toy2d": "builtin:toy2d", "shapes": "builtin:shapes"}  # name -> URI
 _URI = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,62}/.+|builtin:[a-z0-9\-]+)$")
@@ -33,7 +33,9 @@ TERMINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Finite floats only: NaN/Infinity (JSON tokens, or 1e999) would reach the worker as a non-finite
+    # hyperparameter and could not even be echoed back in a JSON error body.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TeacherSpec(_Strict):
@@ -87,11 +89,13 @@ class DataSpec(_Strict):
 
 
 class MethodSpec(_Strict):
-    scm_weight: float = Field(1.0, ge=0)
-    dmd_weight: float = Field(0.01, ge=0, description="lambda")
-    p_mean: float = 0.0
-    p_std: float = Field(1.6, gt=0)
-    tangent_warmup_steps: int = Field(200, ge=0)
+    # Bounds keep every run in a range where the losses can stay finite in float32 (dmd_weight 1e300 made every
+    # loss non-finite); they are wide around the paper's values (lambda 0.01, P_mean 0, P_std 1.6), not tuned.
+    scm_weight: float = Field(1.0, ge=0, le=10)
+    dmd_weight: float = Field(0.01, ge=0, le=10, description="lambda")
+    p_mean: float = Field(0.0, ge=-5, le=5, description="mean of the log-normal proposal of log(sigma)")
+    p_std: float = Field(1.6, gt=0, le=5, description="std of the log-normal proposal of log(sigma)")
+    tangent_warmup_steps: int = Field(200, ge=0, le=10_000_000)
     time_derivative: Literal["exact", "semi_continuous"] = "exact"
     fd_step: float = Field(1e-4, gt=0, lt=0.1)
     max_rollout_steps: int = Field(4, ge=1, le=16)
@@ -112,8 +116,12 @@ class ResourcesSpec(_Strict):
         1, ge=1, le=256, description="Ray Train workers, one rank each (one GPU each with use_gpu)"
     )
     use_gpu: bool = Field(False, description="NCCL on one GPU per worker; the 2-D datasets run on CPU only")
-    fsdp_degree: int = Field(1, ge=1, description="workers splitting the batch; FSDP2 shards weights over all workers")
-    cp_degree: int = Field(1, ge=1, description="workers splitting each sample's tokens (Ulysses; DiT teachers only)")
+    fsdp_degree: int = Field(
+        1, ge=1, le=256, description="workers splitting the batch; FSDP2 shards weights over all workers"
+    )
+    cp_degree: int = Field(
+        1, ge=1, le=256, description="workers splitting each sample's tokens (Ulysses; DiT teachers only)"
+    )
     activation_checkpointing: Literal["none", "full", "selective"] = Field("none", description="per DiT block")
 
     @model_validator(mode="after")
@@ -129,10 +137,14 @@ class ResourcesSpec(_Strict):
 class ScheduleSpec(_Strict):
     steps: int = Field(1500, ge=1, le=10_000_000)
     batch_size: int = Field(256, ge=1, le=65536)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    eval_every: int = Field(500, ge=1, description="steps between evaluations (metrics + sample grid in MLflow)")
-    seed: int = 0
+    checkpoint_every: int = Field(500, ge=1, le=10_000_000)
+    log_every: int = Field(50, ge=1, le=10_000_000)
+    eval_every: int = Field(
+        500, ge=1, le=10_000_000, description="steps between evaluations (metrics + sample grid in MLflow)"
+    )
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="seeds every RNG of the run (a 31-bit value every library takes)"
+    )
     max_minutes: float | None = Field(
         None,
         gt=0,
@@ -237,6 +249,14 @@ class JobCreate(_Strict):
         return self
 
 
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    # The store keeps naive UTC; responses carry the zone so every timestamp is RFC 3339 (serialised with "Z").
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
+
+
 class CheckpointPublic(BaseModel):
     step: int
     uri: str
@@ -248,12 +268,15 @@ class JobPublic(BaseModel):
     state: JobState
     step: int
     total_steps: int
-    metrics: dict[str, float]
+    metrics: dict[str, float | None] = Field(
+        description="latest progress metrics logged by the worker; null where the last logged value was not a "
+        "finite number (NaN or infinite)"
+    )
     mlflow_run_url: str | None
     failure_reason: str | None
     recovery_count: int
-    created_at: dt.datetime
-    updated_at: dt.datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     spec: dict[str, Any]
 
 
@@ -264,6 +287,17 @@ class JobsPublic(BaseModel):
 
 class JobEventPublic(BaseModel):
     id: int
-    created_at: dt.datetime
+    created_at: UtcDatetime
     kind: str
     data: dict[str, Any]
+
+
+class ErrorPublic(BaseModel):
+    """Body of every error other than 422: what went wrong, in one line."""
+
+    detail: str
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool] = Field(description="per dependency (database, ray, mlflow, s3): whether it answered")

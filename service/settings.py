@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PLACEHOLDERS = {"", "changeme", "secret", "password"}
@@ -37,6 +37,28 @@ class Settings(BaseSettings):
     KUBERAY_MEMORY_GI_PER_WORKER: int = 64  # GiB of memory per Ray Train worker
     KUBERAY_ACTIVE_DEADLINE_S: int = 7 * 24 * 3600  # a job's time limit unless its spec sets one
     KUBERAY_CANCEL_POLICY: Literal["delete", "suspend"] = "delete"  # what stops a RayJob after the grace period
+
+    # -- Request handling limits (per API process: with N replicas a tenant gets N times each) ---------------
+    # Job store connections: a request holds one for its duration, an event stream only per poll. A request
+    # that cannot get one within DB_POOL_TIMEOUT_S gets 503 + Retry-After instead of queueing without end.
+    DB_POOL_SIZE: int = Field(10, ge=1)
+    DB_MAX_OVERFLOW: int = Field(10, ge=0)
+    DB_POOL_TIMEOUT_S: float = Field(5.0, gt=0)
+    # Server-sent event streams (GET /v1/jobs/{id}/events): a tenant's open streams beyond the cap get 429;
+    # their DB polls run on their own small thread pool so streams never starve request handling; a stream
+    # ends after IDLE_S without a new event or after MAX_S in all (the client reconnects with Last-Event-ID).
+    EVENT_STREAMS_PER_TENANT: int = Field(8, ge=1)
+    EVENT_STREAM_DB_THREADS: int = Field(4, ge=1)
+    EVENT_STREAM_POLL_S: float = Field(1.0, gt=0)
+    EVENT_STREAM_IDLE_S: float = Field(600.0, gt=0)
+    EVENT_STREAM_MAX_S: float = Field(3600.0, gt=0)
+    # Token bucket per tenant over every authenticated request: RATE_LIMIT_PER_S sustained, bursts of
+    # RATE_LIMIT_BURST; beyond it 429 + Retry-After.
+    RATE_LIMIT_PER_S: float = Field(20.0, gt=0)
+    RATE_LIMIT_BURST: int = Field(100, ge=1)
+    # Largest resources.num_workers a job may ask for (422 at submission above it): a job the cluster can
+    # never place would otherwise wait for workers forever. Set it to the cluster's schedulable workers.
+    MAX_WORKERS_PER_JOB: int = Field(16, ge=1, le=256)
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

@@ -23,6 +23,7 @@ def app_and_tokens(tmp_path_factory):
         S3_SECRET_KEY="s",
         RECONCILE_INTERVAL_S="3600",
         MAX_BODY_BYTES="4096",
+        RATE_LIMIT_PER_S="1000",  # these tests are not about the rate limit (tests/service/test_rate_limits.py)
     )
     from service.settings import get_settings
 
@@ -280,3 +281,26 @@ def test_secrets_never_in_responses(app_and_tokens):
     client, tokens, *_ = app_and_tokens
     text = client.get("/v1/jobs", params={"limit": 200}, headers=_h(tokens["a"])).text
     assert tokens["a"] not in text and "S3_SECRET" not in text
+
+
+def test_read_job_non_finite_metrics_are_null_as_the_openapi_schema_says(app_and_tokens):
+    """Issue 15, finding 11: a NaN/inf progress metric is null in the response, and the schema says number | null."""
+    import jsonschema
+
+    client, tokens, cluster, app = app_and_tokens
+    job = client.post("/v1/jobs", json=SPEC, headers=_h(tokens["a"])).json()
+    _reconcile(app, cluster)
+    cluster.ray_status[f"rcm-{job['id']}"] = ClusterJobStatus("RUNNING")
+    cluster.progress[f"run-{job['id']}"] = {
+        "step": 10.0,
+        "loss": float("nan"),
+        "scm_loss": float("inf"),
+        "dmd_loss": 0.25,
+    }
+    _reconcile(app, cluster)
+    r = client.get(f"/v1/jobs/{job['id']}", headers=_h(tokens["a"]))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["metrics"] == {"step": 10.0, "loss": None, "scm_loss": None, "dmd_loss": 0.25}
+    doc = client.get("/openapi.json").json()
+    jsonschema.validate(body, {"$ref": "#/components/schemas/JobPublic", "components": doc["components"]})

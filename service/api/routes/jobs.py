@@ -1,26 +1,18 @@
-"""/v1/jobs: submit, list, read, cancel, events (JSON or server-sent events), checkpoints."""
+"""/v1/jobs: submit, list, read, cancel, checkpoints (events: service/api/routes/events.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy.orm import Session
 
 from service import crud
 from service.api.deps import ClusterDep, SessionDep, TenantDep
+from service.api.errors import error_responses, validation_error
 from service.db import Job
-from service.schemas import (
-    TERMINAL_STATES,
-    CheckpointPublic,
-    JobCreate,
-    JobEventPublic,
-    JobPublic,
-    JobsPublic,
-    JobState,
-)
+from service.schemas import TERMINAL_STATES, CheckpointPublic, JobCreate, JobPublic, JobsPublic, JobState
+from service.settings import get_settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -42,57 +34,92 @@ def _public(job: Job, cluster: ClusterDep) -> JobPublic:
     )
 
 
-def _job_or_404(session, tenant: str, job_id: str) -> Job:
+def job_or_404(session: Session, tenant: str, job_id: str) -> Job:
     job = crud.get_job(session, tenant, job_id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+        shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."  # never echo a long path back
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {shown} not found")
     return job
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+IDEMPOTENCY_KEY_DOC = (
+    "Makes retries safe: a request with a key this tenant already used returns that job (200) instead of "
+    "creating another, also when the requests arrive concurrently. The key is bound to the job spec: the same "
+    "key with a different spec is refused with 422 (loc: header, idempotency-key)."
+)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "Idempotent retry: the job this key created first"},
+        **error_responses(400, 401, 413, 429, 503),
+    },
+)
 def create_job(
     spec: JobCreate,
     response: Response,
     session: SessionDep,
     tenant: TenantDep,
     cluster: ClusterDep,
-    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=128, description=IDEMPOTENCY_KEY_DOC)] = None,
 ) -> JobPublic:
-    """Queue a distillation job; the same Idempotency-Key returns the job it created first."""
-    job, created = crud.create_job(session, tenant, spec, idempotency_key)
+    """Queue a distillation job (202); with an Idempotency-Key used before, the job it created first (200)."""
+    cap = get_settings().MAX_WORKERS_PER_JOB
+    if spec.resources.num_workers > cap:  # a deployment setting, so checked here rather than in the schema
+        raise validation_error(
+            ("body", "resources", "num_workers"),
+            f"Input should be less than or equal to {cap} (the most workers this deployment gives one job)",
+            "less_than_equal",
+        )
+    try:
+        job, created = crud.create_job(session, tenant, spec, idempotency_key)
+    except crud.IdempotencyKeyReused:
+        raise validation_error(
+            ("header", "idempotency-key"),
+            "this Idempotency-Key was already used with a different job spec",
+            "idempotency_key_reused",
+        ) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = status.HTTP_200_OK
     return _public(job, cluster)
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, responses=error_responses(401, 429, 503))
 def read_jobs(
     session: SessionDep,
     tenant: TenantDep,
     cluster: ClusterDep,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=256, description="`next_cursor` of the previous page")] = None,
 ) -> JobsPublic:
     """This tenant's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
     try:
         jobs, next_cursor = crud.list_jobs(session, tenant, state=state, limit=limit, cursor=cursor)
     except (ValueError, TypeError):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "cursor: malformed") from None
+        raise validation_error(("query", "cursor"), "malformed cursor: pass back a next_cursor unchanged") from None
     return JobsPublic(data=[_public(j, cluster) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404, 429, 503))
 def read_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: ClusterDep) -> JobPublic:
     """State, progress, latest metrics, MLflow run URL, failure reason and recovery count."""
-    return _public(_job_or_404(session, tenant, job_id), cluster)
+    return _public(job_or_404(session, tenant, job_id), cluster)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses=error_responses(401, 404, 409, 429, 503),
+)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: ClusterDep) -> JobPublic:
     """Graceful cancel: the worker writes a final checkpoint, then the job becomes CANCELLED."""
-    job = _job_or_404(session, tenant, job_id)
+    job = job_or_404(session, tenant, job_id)
     if JobState(job.state) in TERMINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job is already {job.state}")
     if job.state != JobState.CANCELLING:
@@ -103,34 +130,12 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: Clu
     return _public(job, cluster)
 
 
-@router.get("/{job_id}/checkpoints", response_model=list[CheckpointPublic])
-def read_checkpoints(job_id: str, session: SessionDep, tenant: TenantDep, cluster: ClusterDep):
-    """Complete checkpoints in object storage, oldest first."""
-    job = _job_or_404(session, tenant, job_id)
+@router.get(
+    "/{job_id}/checkpoints", response_model=list[CheckpointPublic], responses=error_responses(401, 404, 429, 503)
+)
+def read_checkpoints(
+    job_id: str, session: SessionDep, tenant: TenantDep, cluster: ClusterDep
+) -> list[CheckpointPublic]:
+    """Complete checkpoints in object storage, oldest first (503 while object storage is unreachable)."""
+    job = job_or_404(session, tenant, job_id)
     return [CheckpointPublic(**c) for c in cluster.checkpoints(job.id)]
-
-
-@router.get("/{job_id}/events", response_model=list[JobEventPublic])
-async def read_events(job_id: str, request: Request, session: SessionDep, tenant: TenantDep):
-    """The job's history; with `Accept: text/event-stream`, history then live events until the job ends."""
-    job = _job_or_404(session, tenant, job_id)
-    if "text/event-stream" not in request.headers.get("accept", ""):
-        return [JobEventPublic.model_validate(e, from_attributes=True) for e in crud.events_after(session, job.id)]
-    make_session = request.app.state.sessionmaker
-
-    async def stream():
-        last = 0
-        while True:
-            with make_session() as s:
-                events = crud.events_after(s, job_id, last)
-                current = s.get(Job, job_id)
-                done = current is None or JobState(current.state) in TERMINAL_STATES
-            for e in events:
-                last = e.id
-                payload = JobEventPublic.model_validate(e, from_attributes=True).model_dump(mode="json")
-                yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(payload)}\n\n"
-            if done or await request.is_disconnected():
-                return
-            await asyncio.sleep(0.5)
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
