@@ -1,47 +1,52 @@
 """End to end against the real stack on loopback: SeaweedFS, MLflow, a Ray head with the Jobs API and the
-API under uvicorn, all started by scripts/stack.py in a temporary data directory and stopped by PID."""
+API under uvicorn, all started by scripts/stack.py in a temporary data directory on free ports (beside a demo
+stack, if one runs) and stopped by PID."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
+
+from tests.service.realstack import running_stack
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
-API = "http://127.0.0.1:8000"
+DEMO_PORTS = (8333, 5000, 8265, 8000, 6379, 10001)  # the demo stack's S3, MLflow, Ray Jobs API, API, GCS, client
+API = MLFLOW = RAY = ""  # this module's stack, set by the `stack` fixture
+
+
+def _hold_demo_ports(stack: ExitStack) -> list[int]:
+    """Listen on the demo stack's fixed ports that are free, as a running `make demo` would."""
+    held = []
+    for port in DEMO_PORTS:
+        s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue  # taken already (a demo stack may really be running): just as good
+        s.listen()
+        held.append(port)
+    return held
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    global API, MLFLOW, RAY
     data = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, "RCM_DATA_DIR": str(data)}
-    env.pop("DATABASE_URL", None)
-
-    def stack_cmd(cmd):
-        return subprocess.run(
-            [sys.executable, "scripts/stack.py", cmd], cwd=ROOT, env=env, timeout=400, capture_output=True, text=True
-        )
-
-    up = stack_cmd("up")
+    started = running_stack(data)
+    with ExitStack() as demo:  # the demo's ports are taken only while this stack starts
+        _hold_demo_ports(demo)
+        st = started.__enter__()
     try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        creds = dict(line.split("=", 1) for line in (data / "stack.env").read_text().split())
-        s3 = boto3.client(
-            "s3",
-            endpoint_url="http://127.0.0.1:8333",
-            aws_access_key_id=creds["S3_ACCESS_KEY"],
-            aws_secret_access_key=creds["S3_SECRET_KEY"],
-            region_name="us-east-1",
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-        )
+        API, MLFLOW, RAY = st.api, st.mlflow, st.ray
         teacher = data / "teacher.safetensors"  # a small real teacher, trained here in a few seconds
         subprocess.run(
             [
@@ -61,21 +66,22 @@ def stack(tmp_path_factory):
             timeout=300,
         )
         next((data / "t" / "teachers").glob("*.safetensors")).rename(teacher)
-        s3.upload_file(str(teacher), "ckpt", "teachers/e2e.safetensors")
-        tokens = {"a": (data / "demo-token").read_text().strip()}
-        out = subprocess.run(
-            [sys.executable, "-m", "service.admin", "create-token", "--tenant", "other"],
-            cwd=ROOT,
-            env={**env, "DATABASE_URL": f"sqlite:///{data}/rcm.db", "S3_ACCESS_KEY": "x", "S3_SECRET_KEY": "x"},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        tokens["b"] = out.stdout.strip()
-        yield {"data": data, "s3": s3, "tokens": tokens, "stack_cmd": stack_cmd}
+        st.s3.upload_file(str(teacher), "ckpt", "teachers/e2e.safetensors")
+        tokens = {"a": st.tokens["demo"], "b": st.create_token("other")}
+        yield {"data": data, "s3": st.s3, "tokens": tokens, "stack_cmd": st.cmd, "stack": st}
     finally:
-        down = stack_cmd("down")
-        print(down.stdout, down.stderr)
+        started.__exit__(None, None, None)
+
+
+def test_stack_runs_on_free_ports_beside_a_demo_stack(stack):
+    """The fixture started this stack while the demo's fixed ports were taken; every component answers."""
+    st = stack["stack"]
+    ports = {int(u.rsplit(":", 1)[1]) for u in (st.api, st.s3_url, st.mlflow, st.ray)}
+    assert not ports & set(DEMO_PORTS), ports
+    ready = httpx.get(f"{API}/readyz")
+    assert ready.status_code == 200 and all(ready.json()["checks"].values()), ready.text
+    assert httpx.get(f"{MLFLOW}/health").status_code == 200
+    assert httpx.get(f"{RAY}/api/version").status_code == 200
 
 
 def _h(token):
@@ -107,7 +113,7 @@ def _wait(token, job_id, pred, timeout=240):
 
 def _mlflow_run(job):
     run_id = job["mlflow_run_url"].rsplit("/", 1)[1]
-    return run_id, httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
+    return run_id, httpx.get(f"{MLFLOW}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
 
 
 def _succeed(token, spec, timeout=240):
@@ -141,13 +147,11 @@ def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
     creds = (stack["data"] / "stack.env").read_text().split()
     assert not any(c.split("=", 1)[1] in str(run) for c in creds)  # no S3 keys in MLflow
     assert {"system/cpu_percent", "system/rss_mb", "eval/1step/sliced_w2"} <= metrics
-    arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
+    arts = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
     assert {"samples.png", "student.safetensors", "report.json", "samples"} <= {f["path"] for f in arts["files"]}
-    periodic = httpx.get(
-        "http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}
-    ).json()
+    periodic = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}).json()
     assert [f["path"] for f in periodic["files"]] == ["samples/step-0000030.png"]  # eval_every=30 of 60 steps
-    ray_job = httpx.get(f"http://127.0.0.1:8265/api/jobs/rcm-{job['id']}").text
+    ray_job = httpx.get(f"{RAY}/api/jobs/rcm-{job['id']}").text
     assert not any(c.split("=", 1)[1] in ray_job for c in creds)  # no S3 keys in Ray's job info either
     ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
     assert [c["step"] for c in ckpts][-1] == 60 and len(ckpts) >= 3
@@ -216,11 +220,9 @@ def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
     assert job["step"] == 4 and "loss" in job["metrics"]
     metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"loss", "scm_loss", "dmd_loss", "eval/1step/overall", "eval/4step/diversity"} <= metrics
-    arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
+    arts = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
     assert {"samples.png", "student.safetensors", "report.json", "config.json"} <= {f["path"] for f in arts["files"]}
-    periodic = httpx.get(
-        "http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}
-    ).json()
+    periodic = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}).json()
     assert [f["path"] for f in periodic["files"]] == ["samples/step-0000002.png"]
     export = f"jobs/{job['id']}/export/"
     png = stack["s3"].get_object(Bucket="ckpt", Key=export + "samples.png")["Body"].read()
@@ -256,7 +258,7 @@ def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):
 
 
 def _metric_history(run_id, key):
-    url = "http://127.0.0.1:5000/api/2.0/mlflow/metrics/get-history"
+    url = f"{MLFLOW}/api/2.0/mlflow/metrics/get-history"
     return httpx.get(url, params={"run_id": run_id, "metric_key": key}).json()["metrics"]
 
 
@@ -303,7 +305,7 @@ def test_kill_train_worker_mid_run_recovers_from_checkpoint(stack):
     run_id, _ = _mlflow_run(done)
 
     def history(key):
-        url = "http://127.0.0.1:5000/api/2.0/mlflow/metrics/get-history"
+        url = f"{MLFLOW}/api/2.0/mlflow/metrics/get-history"
         return httpx.get(url, params={"run_id": run_id, "metric_key": key}).json()["metrics"]
 
     # The resumed worker logs recovery_count >= 1 at the step it resumed from; every step logged before that
