@@ -17,6 +17,18 @@ from botocore.config import Config
 from service.settings import Settings
 
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+WORKER_ERROR = "rcm-worker: error:"  # the one line workers/entrypoint.py writes for the user
+
+
+def public_failure(message: str | None) -> str | None:
+    """The part of a Ray job message fit for the API's failure reason: the worker's last error line, else Ray's
+    first line. Never the log tail Ray appends (tracebacks, local paths, possibly file contents)."""
+    if not message:
+        return message
+    at = message.rfind(WORKER_ERROR)
+    if at >= 0:
+        return message[at:].splitlines()[0][:2000]
+    return message.splitlines()[0].split(", last available logs")[0][:500]
 
 
 @dataclass
@@ -35,6 +47,9 @@ class Cluster(Protocol):
     def set_run_status(self, run_id: str, status: str) -> None: ...
     def run_url(self, run_id: str) -> str: ...
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]: ...
+    def put_input(self, bucket: str, key: str, body: Any) -> None: ...
+    def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]: ...
+    def delete_input(self, bucket: str, key: str) -> None: ...
     def healthy(self) -> dict[str, bool]: ...
 
 
@@ -128,7 +143,7 @@ class RayCluster:
         r = self.ray.get(f"/api/jobs/{submission_id}")
         r.raise_for_status()
         data = r.json()
-        return ClusterJobStatus(data["status"], data.get("message"))
+        return ClusterJobStatus(data["status"], public_failure(data.get("message")))
 
     def stop(self, submission_id: str) -> None:
         self.ray.post(f"/api/jobs/{submission_id}/stop")
@@ -147,6 +162,18 @@ class RayCluster:
                     manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
                     out.append({"step": int(manifest["step"]), "uri": f"s3://{bucket}/{obj['Key'].rsplit('/', 1)[0]}"})
         return sorted(out, key=lambda c: c["step"])
+
+    def put_input(self, bucket: str, key: str, body: Any) -> None:
+        self.s3.upload_fileobj(body, bucket, key)
+
+    def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [{"key": o["Key"], "size": int(o["Size"])} for o in page.get("Contents", [])]
+        return out
+
+    def delete_input(self, bucket: str, key: str) -> None:
+        self.s3.delete_object(Bucket=bucket, Key=key)
 
     def _probes(self) -> list[tuple[str, Any]]:
         """(name, callable raising on failure) per dependency checked by /readyz; backends swap the first."""

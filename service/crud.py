@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db import ApiToken, Job, JobEvent
+from service.inputs import TENANT_NAME
 from service.schemas import JobCreate, JobState
 
 
@@ -22,7 +23,16 @@ def hash_token(token: str) -> str:
 
 
 def create_token(session: Session, tenant: str) -> str:
-    """A new random token for `tenant`; only its hash is stored, the token is returned once."""
+    """A new random token for `tenant`; only its hash is stored, the token is returned once.
+
+    Raises:
+        ValueError: the tenant name is not 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit
+            (it names the tenant's S3 input prefix, so it must be one path segment).
+    """
+    if not TENANT_NAME.match(tenant):
+        raise ValueError(
+            f"tenant name {tenant!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     token = "rcm_" + secrets.token_urlsafe(32)
     session.add(ApiToken(tenant=tenant, token_sha256=hash_token(token)))
     session.commit()

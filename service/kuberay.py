@@ -22,7 +22,7 @@ import httpx
 import urllib3
 import yaml
 
-from service.cluster import ClusterJobStatus, RayCluster
+from service.cluster import ClusterJobStatus, RayCluster, public_failure
 from service.schemas import JobState
 from service.settings import Settings
 
@@ -233,7 +233,7 @@ def rayjob_state(rayjob: dict[str, Any] | None) -> tuple[JobState, str | None]:
         return JobState.CANCELLING, "the RayJob is being deleted"
     status = rayjob.get("status") or {}
     deployment, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
-    reason, message = status.get("reason", ""), status.get("message") or None
+    reason, message = status.get("reason", ""), public_failure(status.get("message") or None)
     if deployment == "Complete":  # the Ray job is over and the submitter has finished
         if job == "SUCCEEDED":
             return JobState.SUCCEEDED, None

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.api.routes import health, jobs
+from service.api.routes import health, inputs, jobs
 from service.cluster import RayCluster
 from service.db import make_engine, make_sessionmaker, run_migrations
 from service.reconciler import Reconciler
@@ -35,11 +35,15 @@ async def lifespan(app: FastAPI):
 app = FastAPI(title="rcm-distill control plane", version="0.1.0", lifespan=lifespan)
 app.include_router(health.router)
 app.include_router(jobs.router)
+app.include_router(inputs.router)
 
 
 @app.middleware("http")
 async def limit_body_size(request: Request, call_next):
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > get_settings().MAX_BODY_BYTES:
-        return JSONResponse({"detail": f"request body over {get_settings().MAX_BODY_BYTES} bytes"}, status_code=413)
+    limit = get_settings().MAX_BODY_BYTES
+    if request.method == "PUT" and request.url.path.startswith("/v1/inputs/"):
+        limit = get_settings().MAX_INPUT_BYTES  # file uploads; the route also counts streamed bodies
+    if length is not None and length.isdigit() and int(length) > limit:
+        return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
     return await call_next(request)

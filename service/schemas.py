@@ -237,6 +237,12 @@ class JobCreate(_Strict):
         return self
 
 
+class InputPublic(BaseModel):
+    name: str
+    uri: str  # what a job spec names (teacher.uri, data.prompt_file_uri)
+    size: int  # bytes
+
+
 class CheckpointPublic(BaseModel):
     step: int
     uri: str

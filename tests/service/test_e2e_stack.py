@@ -15,12 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rcm_client import RcmClient
 from tests.service.realstack import running_stack
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
 DEMO_PORTS = (8333, 5000, 8265, 8000, 6379, 10001)  # the demo stack's S3, MLflow, Ray Jobs API, API, GCS, client
 API = MLFLOW = RAY = ""  # this module's stack, set by the `stack` fixture
+INPUTS = "s3://ckpt/tenants/demo/"  # tenant "demo" (token "a"): its input prefix (service/inputs.py)
+TEACHER = INPUTS + "e2e.safetensors"
 
 
 def _hold_demo_ports(stack: ExitStack) -> list[int]:
@@ -66,8 +69,8 @@ def stack(tmp_path_factory):
             timeout=300,
         )
         next((data / "t" / "teachers").glob("*.safetensors")).rename(teacher)
-        st.s3.upload_file(str(teacher), "ckpt", "teachers/e2e.safetensors")
         tokens = {"a": st.tokens["demo"], "b": st.create_token("other")}
+        assert RcmClient(API, tokens["a"]).upload(teacher, "e2e.safetensors")["uri"] == TEACHER  # PUT /v1/inputs
         yield {"data": data, "s3": st.s3, "tokens": tokens, "stack_cmd": st.cmd, "stack": st}
     finally:
         started.__exit__(None, None, None)
@@ -91,7 +94,7 @@ def _h(token):
 def _spec(name, steps, **schedule):
     return {
         "name": name,
-        "teacher": {"uri": "s3://ckpt/teachers/e2e.safetensors"},
+        "teacher": {"uri": TEACHER},
         "schedule": {"steps": steps, "batch_size": 64, "checkpoint_every": 20, "log_every": 5, **schedule},
     }
 
@@ -175,10 +178,10 @@ def test_time_budget_stops_training_and_still_exports(stack):
     assert _export_report(stack, job)["step"] == last
 
 
-@pytest.mark.parametrize("uri", ["s3://ckpt/teachers/missing.safetensors", "s3://ckpt/teachers/garbage.safetensors"])
+@pytest.mark.parametrize("uri", [INPUTS + "missing.safetensors", INPUTS + "garbage.safetensors"])
 def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
-    stack["s3"].put_object(Bucket="ckpt", Key="teachers/garbage.safetensors", Body=b"not a safetensors file")
     tok = stack["tokens"]["a"]
+    httpx.put(f"{API}/v1/inputs/garbage.safetensors", content=b"not a safetensors file", headers=_h(tok))
     spec = {**_spec("e2e-bad-teacher", 10), "teacher": {"uri": uri}}
     job = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok)).json()
     done = _wait(tok, job["id"], lambda j: j["state"] == "FAILED", timeout=120)
@@ -189,20 +192,30 @@ def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
-        ("s3://ckpt/prompts/bad.txt", "prompt file s3://ckpt/prompts/bad.txt, line 3: "),
-        ("s3://ckpt/prompts/missing.txt", "cannot read it"),
+        (INPUTS + "bad.txt", f"data.prompt_file_uri {INPUTS}bad.txt, line 3: not a caption"),
+        (INPUTS + "missing.txt", "cannot read it (no such object)"),
         ("nowhere/missing.txt", "no such file in the cluster's prompt directory"),
     ],
 )
 def test_malformed_or_missing_prompt_file_fails_with_a_reason(stack, uri, expected):
     bad = b"# two good captions, then one outside the grammar\na photo of a red circle\na photo of a dragon\n"
-    stack["s3"].put_object(Bucket="ckpt", Key="prompts/bad.txt", Body=bad)
     tok = stack["tokens"]["a"]
+    assert httpx.put(f"{API}/v1/inputs/bad.txt", content=bad, headers=_h(tok)).status_code == 201
     spec = {**_spec("e2e-bad-prompts", 10), "data": {"dataset": "shapes", "prompt_file_uri": uri}}
     r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
     assert r.status_code == 202, r.text
     done = _wait(tok, r.json()["id"], lambda j: j["state"] == "FAILED", timeout=120)
     assert expected in done["failure_reason"], done["failure_reason"]
+    assert "dragon" not in done["failure_reason"] and "/tmp" not in done["failure_reason"]  # no contents, no paths
+
+
+def test_inputs_of_another_tenant_or_the_service_are_refused_before_any_read(stack):
+    """Tenant "other" names tenant "demo"'s teacher, a job export and a checkpoint: 422 naming the field."""
+    other = stack["tokens"]["b"]
+    for uri in (TEACHER, "s3://ckpt/jobs/x/export/student.safetensors", "s3://ckpt/ray/x/checkpoint_1/a.distcp"):
+        r = httpx.post(f"{API}/v1/jobs", json={**_spec("e2e-steal", 10), "teacher": {"uri": uri}}, headers=_h(other))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "teacher", "uri"], r.text
+    assert httpx.get(f"{API}/v1/jobs", headers=_h(other)).json()["data"] == []
 
 
 def test_shapes_job_succeeds_with_sample_grids_and_report(stack):

@@ -7,11 +7,13 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from service import crud
 from service.api.deps import ClusterDep, SessionDep, TenantDep
 from service.db import Job
+from service.inputs import input_errors
 from service.schemas import (
     TERMINAL_STATES,
     CheckpointPublic,
@@ -21,6 +23,7 @@ from service.schemas import (
     JobsPublic,
     JobState,
 )
+from service.settings import get_settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -59,6 +62,9 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> JobPublic:
     """Queue a distillation job; the same Idempotency-Key returns the job it created first."""
+    errors = input_errors(spec, tenant, get_settings())
+    if errors:  # an object outside the caller's input prefix: refused before anything reads it
+        raise RequestValidationError(errors)
     job, created = crud.create_job(session, tenant, spec, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
