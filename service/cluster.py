@@ -17,6 +17,7 @@ from botocore.config import Config
 from service.settings import Settings
 
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LOST = "LOST"  # not a Ray state: the cluster answers but no longer knows the job (head restart, deleted RayJob)
 WORKER_ERROR = "rcm-worker: error:"  # the one line workers/entrypoint.py writes for the user
 
 
@@ -33,7 +34,7 @@ def public_failure(message: str | None) -> str | None:
 
 @dataclass
 class ClusterJobStatus:
-    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states)
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states), or LOST
     message: str | None = None
 
 
@@ -141,6 +142,8 @@ class RayCluster:
 
     def status(self, submission_id: str) -> ClusterJobStatus:
         r = self.ray.get(f"/api/jobs/{submission_id}")
+        if r.status_code == 404:  # the head answers but has no such job: it restarted (Ray keeps no job history)
+            return ClusterJobStatus(LOST, "the Ray cluster has no record of the job")
         r.raise_for_status()
         data = r.json()
         return ClusterJobStatus(data["status"], public_failure(data.get("message")))

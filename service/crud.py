@@ -114,5 +114,18 @@ def events_after(session: Session, job_id: str, after_id: int = 0) -> list[JobEv
 
 
 def active_jobs(session: Session) -> list[Job]:
+    """Jobs not yet terminal, oldest first (the admission order)."""
     terminal = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-    return list(session.scalars(select(Job).where(Job.state.not_in(terminal))))
+    q = select(Job).where(Job.state.not_in(terminal)).order_by(Job.created_at, Job.id)
+    return list(session.scalars(q))
+
+
+def events_of_kind(session: Session, job_id: str, kind: str) -> list[JobEvent]:
+    q = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind).order_by(JobEvent.id)
+    return list(session.scalars(q))
+
+
+def state_since(session: Session, job_id: str) -> dt.datetime:
+    """When the job entered its current state (its latest state event)."""
+    q = select(JobEvent.created_at).where(JobEvent.job_id == job_id, JobEvent.kind == "state")
+    return session.scalars(q.order_by(JobEvent.id.desc()).limit(1)).one()

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from service.api.routes import health, inputs, jobs
 from service.cluster import RayCluster
 from service.db import make_engine, make_sessionmaker, run_migrations
-from service.reconciler import Reconciler
+from service.reconciler import Limits, Reconciler
 from service.settings import get_settings
 
 
@@ -26,7 +26,13 @@ async def lifespan(app: FastAPI):
             app.state.cluster = KubeRayCluster(settings)
         else:
             app.state.cluster = RayCluster(settings)
-    reconciler = Reconciler(app.state.sessionmaker, app.state.cluster, settings.RECONCILE_INTERVAL_S)
+    limits = Limits(
+        max_active_jobs=settings.MAX_ACTIVE_JOBS,
+        max_active_per_tenant=settings.MAX_ACTIVE_JOBS_PER_TENANT,
+        start_timeout_s=settings.START_TIMEOUT_S,
+        max_resubmits=settings.MAX_RESUBMITS,
+    )
+    reconciler = Reconciler(app.state.sessionmaker, app.state.cluster, settings.RECONCILE_INTERVAL_S, limits)
     reconciler.start()
     yield
     reconciler.stop()

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.cluster import ClusterJobStatus
-from service.reconciler import reconcile_once
+from service.reconciler import Limits, reconcile_once
 from tests.service.fakes import FakeCluster
 
 # tenant-a's own input (service/inputs.py: s3://INPUTS_BUCKET/tenants/<tenant>/...)
@@ -48,8 +48,8 @@ def _h(token):
 
 
 def _reconcile(app, cluster):
-    with app.state.sessionmaker() as s:
-        reconcile_once(s, cluster)
+    with app.state.sessionmaker() as s:  # no admission limits here (tests/service/test_reconciler.py has them)
+        reconcile_once(s, cluster, Limits(max_active_jobs=10**6, max_active_per_tenant=10**6))
 
 
 def test_create_job_returns_202_with_location(app_and_tokens):
