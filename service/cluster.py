@@ -156,14 +156,23 @@ class RayCluster:
         self.s3.put_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=cancel_marker_key(job_id), Body=b"cancel")
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        """Complete checkpoints (their manifest.json exists), oldest first."""
-        bucket, out = self.settings.CHECKPOINT_BUCKET, []
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=checkpoint_prefix(job_id)):
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/manifest.json"):
-                    manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-                    out.append({"step": int(manifest["step"]), "uri": f"s3://{bucket}/{obj['Key'].rsplit('/', 1)[0]}"})
+        """Complete checkpoints, oldest first: a manifest.json that lists the checkpoint's files, each present at
+        its listed size (the worker writes the manifest only after checking that itself: workers/checkpointing.py;
+        an older manifest without a file list, or a shard gone missing since, is not trusted)."""
+        bucket, prefix = self.settings.CHECKPOINT_BUCKET, checkpoint_prefix(job_id)
+        sizes: dict[str, int] = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            sizes |= {obj["Key"]: int(obj["Size"]) for obj in page.get("Contents", [])}
+        out = []
+        for key in (k for k in sizes if k.endswith("/manifest.json")):
+            folder = key.removesuffix("manifest.json")
+            try:
+                manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+                files, step = manifest["files"], int(manifest["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours, or not a complete manifest
+            if isinstance(files, dict) and files and all(sizes.get(folder + n) == sz for n, sz in files.items()):
+                out.append({"step": step, "uri": f"s3://{bucket}/{folder.rstrip('/')}"})
         return sorted(out, key=lambda c: c["step"])
 
     def put_input(self, bucket: str, key: str, body: Any) -> None:

@@ -114,3 +114,64 @@ def running_stack(data: Path, **extra_env: str) -> Iterator[Stack]:
             [sys.executable, "scripts/stack.py", "down"], cwd=ROOT, env=env, timeout=200, capture_output=True, text=True
         )
         print(down.stdout, down.stderr)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_s3(data: Path) -> Iterator[tuple[str, dict[str, str], Any]]:
+    """SeaweedFS alone (`weed mini`, every port free), for tests of one module against real S3.
+
+    Yields (endpoint URL, {"S3_ACCESS_KEY", "S3_SECRET_KEY"}, boto3 client); buckets ckpt and mlflow exist.
+    """
+    import secrets
+    import signal
+    import time
+
+    creds = {"S3_ACCESS_KEY": "t" + secrets.token_hex(8), "S3_SECRET_KEY": secrets.token_hex(16)}
+    ident = {
+        "identities": [
+            {
+                "name": "t",
+                "credentials": [{"accessKey": creds["S3_ACCESS_KEY"], "secretKey": creds["S3_SECRET_KEY"]}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    (data / "wlog").mkdir(parents=True, exist_ok=True)
+    (data / "s3.json").write_text(json.dumps(ident))
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "admin")}
+    grpc = {k: _free_port() for k in ports}
+    flags = [f"-{k}.port={v}" for k, v in ports.items()] + [f"-{k}.port.grpc={v}" for k, v in grpc.items()]
+    cmd = [str(Path(sys.executable).parent / "weed"), f"-logdir={data / 'wlog'}", "mini", f"-dir={data / 'sw'}"]
+    cmd += ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={data / 's3.json'}", "-master.telemetry=false"]
+    cmd += ["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-bucket=ckpt,mlflow"]
+    log = open(data / "weed.log", "wb")  # noqa: SIM115  (handed to the child)
+    proc = subprocess.Popen(cmd + flags, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['s3']}"
+    client = s3_client(url, creds)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if {"ckpt", "mlflow"} <= {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                    break
+            except Exception:  # noqa: BLE001  (not up yet)
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (data / "weed.log").read_text()[-2000:]
+            time.sleep(0.3)
+        yield url, creds, client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
