@@ -65,8 +65,25 @@ PORTS = {"s3": 8333, "mlflow": 5000, "ray": 8265, "api": 8000}  # the demo's pub
 
 
 def _free_port() -> int:
-    """A port the OS reports free on 127.0.0.1 now (released at once: the component binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port free on 127.0.0.1 now, below the kernel's ephemeral range (released at once: the component binds it
+    a moment later). Below that range no outgoing connection is given it as its local port, so it stays free
+    while a component restarts; the OS's own choice (port 0) comes from that range and could be taken meanwhile.
+    """
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS has no procfs (its range starts at 49152)
+    for _ in range(200):
+        port = random.randint(15000, low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: let the OS choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -212,7 +229,9 @@ def _wait(name: str, check, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _alive(name) is None:
-            raise SystemExit(f"stack: {name} exited during start-up; see {DATA / 'logs' / (name + '.log')}")
+            log = DATA / "logs" / f"{name}.log"
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
+            raise SystemExit(f"stack: {name} exited during start-up; see {log}; its last lines:\n{tail}")
         try:
             if check():
                 return

@@ -175,3 +175,25 @@ def running_s3(data: Path) -> Iterator[tuple[str, dict[str, str], Any]]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def train_small_teacher(out: Path) -> Path:
+    """A small real 2-D teacher (`rcm teacher train`, 400 steps: a few seconds on a CPU); returns its file."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rcm_core.cli",
+            "teacher",
+            "train",
+            "--set",
+            "teacher.train_steps=400",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return next((out / "teachers").glob("*.safetensors"))

@@ -297,7 +297,8 @@ def test_kill_api_mid_job_keeps_state_and_history(stack):
     pid = int((stack["data"] / "pids" / "api.pid").read_text())
     os.killpg(pid, signal.SIGKILL)
     time.sleep(1)
-    assert stack["stack_cmd"]("up").returncode == 0  # restarts only what is down
+    up = stack["stack_cmd"]("up")  # restarts only what is down
+    assert up.returncode == 0, up.stdout + up.stderr
     after = httpx.get(f"{API}/v1/jobs/{job['id']}/events", headers=_h(tok)).json()
     assert after[: len(before)] == before
     done = _wait(tok, job["id"], lambda j: j["state"] == "SUCCEEDED")
