@@ -1,6 +1,7 @@
 """The `rcm` command: job commands against the REST API here; everything else is rcm_core's CLI.
 
 rcm submit job.yaml|job.json    rcm jobs [--state S]    rcm status ID    rcm logs [-f] ID    rcm cancel ID
+rcm upload FILE [--name NAME]   (a teacher or prompt file, stored under this tenant's input prefix)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-JOB_COMMANDS = {"submit", "jobs", "status", "logs", "cancel"}
+JOB_COMMANDS = {"submit", "jobs", "status", "logs", "cancel", "upload"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
     s.add_argument("spec")
     s.add_argument("--idempotency-key")
+    u = sub.add_parser("upload", help="upload a teacher or prompt file; prints the URI to put in a job spec")
+    u.add_argument("file")
+    u.add_argument("--name", help="name under this tenant's input prefix (default: the file's name)")
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state")
     for name in ("status", "cancel"):
@@ -55,6 +59,12 @@ def run_job_command(argv: list[str]) -> int:
                 return 2
             job = client.submit(yaml.safe_load(path.read_text()), idempotency_key=args.idempotency_key)
             print(f"{job['id']}  {job['state']}")
+        elif args.command == "upload":
+            path = Path(args.file)
+            if not path.is_file():
+                print(f"rcm: error: {path}: no such file", file=sys.stderr)
+                return 2
+            print(client.upload(path, args.name)["uri"])
         elif args.command == "jobs":
             for job in client.jobs(state=args.state):
                 print(f"{job['id']}  {job['state']:10s}  {job['step']:>7}/{job['total_steps']:<7}  {job['name']}")

@@ -55,6 +55,16 @@ class RcmClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/v1/jobs", json=spec, headers=headers)
 
+    def upload(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
+        """Upload a local file as one of this tenant's inputs; returns {name, uri, size}: put `uri` in a job spec
+        (teacher.uri, data.prompt_file_uri)."""
+        path = Path(path)
+        with path.open("rb") as f:
+            return self._call("PUT", f"/v1/inputs/{name or path.name}", content=f, timeout=None)
+
+    def inputs(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/inputs")
+
     def jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit, **({"state": state} if state else {})}
         return self._call("GET", "/v1/jobs", params=params)["data"]

@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     url = get_settings().DATABASE_URL
     run_migrations(url)
     with make_sessionmaker(make_engine(url))() as session:
-        sys.stdout.write(crud.create_token(session, args.tenant) + "\n")
+        try:
+            token = crud.create_token(session, args.tenant)
+        except ValueError as exc:
+            sys.stderr.write(f"service.admin: error: {exc}\n")
+            return 2
+        sys.stdout.write(token + "\n")
     return 0
 
 

@@ -18,11 +18,24 @@ from botocore.exceptions import BotoCoreError, ClientError
 from service.settings import Settings
 
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LOST = "LOST"  # not a Ray state: the cluster answers but no longer knows the job (head restart, deleted RayJob)
+WORKER_ERROR = "rcm-worker: error:"  # the one line workers/entrypoint.py writes for the user
+
+
+def public_failure(message: str | None) -> str | None:
+    """The part of a Ray job message fit for the API's failure reason: the worker's last error line, else Ray's
+    first line. Never the log tail Ray appends (tracebacks, local paths, possibly file contents)."""
+    if not message:
+        return message
+    at = message.rfind(WORKER_ERROR)
+    if at >= 0:
+        return message[at:].splitlines()[0][:2000]
+    return message.splitlines()[0].split(", last available logs")[0][:500]
 
 
 @dataclass
 class ClusterJobStatus:
-    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states)
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states), or LOST
     message: str | None = None
 
 
@@ -40,6 +53,9 @@ class Cluster(Protocol):
     def set_run_status(self, run_id: str, status: str) -> None: ...
     def run_url(self, run_id: str) -> str: ...
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]: ...
+    def put_input(self, bucket: str, key: str, body: Any) -> None: ...
+    def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]: ...
+    def delete_input(self, bucket: str, key: str) -> None: ...
     def healthy(self) -> dict[str, bool]: ...
 
 
@@ -138,9 +154,11 @@ class RayCluster:
 
     def status(self, submission_id: str) -> ClusterJobStatus:
         r = self.ray.get(f"/api/jobs/{submission_id}")
+        if r.status_code == 404:  # the head answers but has no such job: it restarted (Ray keeps no job history)
+            return ClusterJobStatus(LOST, "the Ray cluster has no record of the job")
         r.raise_for_status()
         data = r.json()
-        return ClusterJobStatus(data["status"], data.get("message"))
+        return ClusterJobStatus(data["status"], public_failure(data.get("message")))
 
     def stop(self, submission_id: str) -> None:
         self.ray.post(f"/api/jobs/{submission_id}/stop")
@@ -154,21 +172,43 @@ class RayCluster:
             raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        """Complete checkpoints (their manifest.json exists), oldest first; ClusterUnavailable if S3 is down."""
+        """Complete checkpoints, oldest first: a manifest.json that lists the checkpoint's files, each present at
+        its listed size (the worker writes the manifest only after checking that itself: workers/checkpointing.py;
+        an older manifest without a file list, or a shard gone missing since, is not trusted). Raises
+        ClusterUnavailable when object storage does not answer."""
         try:
             return self._checkpoints(job_id)
         except (BotoCoreError, ClientError) as exc:  # connection refused/timed out, or S3 answering 5xx/403
             raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
     def _checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        bucket, out = self.settings.CHECKPOINT_BUCKET, []
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=checkpoint_prefix(job_id)):
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/manifest.json"):
-                    manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-                    out.append({"step": int(manifest["step"]), "uri": f"s3://{bucket}/{obj['Key'].rsplit('/', 1)[0]}"})
+        bucket, prefix = self.settings.CHECKPOINT_BUCKET, checkpoint_prefix(job_id)
+        sizes: dict[str, int] = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            sizes |= {obj["Key"]: int(obj["Size"]) for obj in page.get("Contents", [])}
+        out = []
+        for key in (k for k in sizes if k.endswith("/manifest.json")):
+            folder = key.removesuffix("manifest.json")
+            try:
+                manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+                files, step = manifest["files"], int(manifest["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours, or not a complete manifest
+            if isinstance(files, dict) and files and all(sizes.get(folder + n) == sz for n, sz in files.items()):
+                out.append({"step": step, "uri": f"s3://{bucket}/{folder.rstrip('/')}"})
         return sorted(out, key=lambda c: c["step"])
+
+    def put_input(self, bucket: str, key: str, body: Any) -> None:
+        self.s3.upload_fileobj(body, bucket, key)
+
+    def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [{"key": o["Key"], "size": int(o["Size"])} for o in page.get("Contents", [])]
+        return out
+
+    def delete_input(self, bucket: str, key: str) -> None:
+        self.s3.delete_object(Bucket=bucket, Key=key)
 
     def _probes(self) -> list[tuple[str, Any]]:
         """(name, callable raising on failure) per dependency checked by /readyz; backends swap the first."""

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import ApiToken, Job, JobEvent
+from service.inputs import TENANT_NAME
 from service.schemas import JobCreate, JobState
 
 
@@ -23,7 +24,16 @@ def hash_token(token: str) -> str:
 
 
 def create_token(session: Session, tenant: str) -> str:
-    """A new random token for `tenant`; only its hash is stored, the token is returned once."""
+    """A new random token for `tenant`; only its hash is stored, the token is returned once.
+
+    Raises:
+        ValueError: the tenant name is not 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit
+            (it names the tenant's S3 input prefix, so it must be one path segment).
+    """
+    if not TENANT_NAME.match(tenant):
+        raise ValueError(
+            f"tenant name {tenant!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     token = "rcm_" + secrets.token_urlsafe(32)
     session.add(ApiToken(tenant=tenant, token_sha256=hash_token(token)))
     session.commit()
@@ -143,5 +153,18 @@ def events_after(session: Session, job_id: str, after_id: int = 0, limit: int | 
 
 
 def active_jobs(session: Session) -> list[Job]:
+    """Jobs not yet terminal, oldest first (the admission order)."""
     terminal = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-    return list(session.scalars(select(Job).where(Job.state.not_in(terminal))))
+    q = select(Job).where(Job.state.not_in(terminal)).order_by(Job.created_at, Job.id)
+    return list(session.scalars(q))
+
+
+def events_of_kind(session: Session, job_id: str, kind: str) -> list[JobEvent]:
+    q = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind).order_by(JobEvent.id)
+    return list(session.scalars(q))
+
+
+def state_since(session: Session, job_id: str) -> dt.datetime:
+    """When the job entered its current state (its latest state event)."""
+    q = select(JobEvent.created_at).where(JobEvent.job_id == job_id, JobEvent.kind == "state")
+    return session.scalars(q.order_by(JobEvent.id.desc()).limit(1)).one()

@@ -22,7 +22,7 @@ import httpx
 import urllib3
 import yaml
 
-from service.cluster import ClusterJobStatus, RayCluster
+from service.cluster import LOST, ClusterJobStatus, RayCluster, public_failure
 from service.schemas import JobState
 from service.settings import Settings
 
@@ -233,7 +233,7 @@ def rayjob_state(rayjob: dict[str, Any] | None) -> tuple[JobState, str | None]:
         return JobState.CANCELLING, "the RayJob is being deleted"
     status = rayjob.get("status") or {}
     deployment, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
-    reason, message = status.get("reason", ""), status.get("message") or None
+    reason, message = status.get("reason", ""), public_failure(status.get("message") or None)
     if deployment == "Complete":  # the Ray job is over and the submitter has finished
         if job == "SUCCEEDED":
             return JobState.SUCCEEDED, None
@@ -313,7 +313,7 @@ class KubeRayCluster(RayCluster):
                 raise KubernetesUnavailable(f"Kubernetes API: 404 creating rayjobs in {self.namespace!r}") from exc
             # 400/422: the API server (CRD schema, admission) refused it. Retrying cannot help, and raising would
             # stall the reconciler's pass, so the job is failed through `status`. NOTE: kept in memory only; after
-            # a restart the missing RayJob reads as deleted (CANCELLED).
+            # a restart the missing RayJob reads as LOST: resubmitted (and rejected again) up to MAX_RESUBMITS.
             self._rejected[name] = f"Kubernetes rejected the RayJob: {exc.status} {exc.reason}: {exc.body}"[:2000]
         return name
 
@@ -332,7 +332,11 @@ class KubeRayCluster(RayCluster):
     def status(self, submission_id: str) -> RayJobStatus:
         if submission_id in self._rejected:
             return RayJobStatus("FAILED", self._rejected[submission_id], JobState.FAILED)
-        state, message = rayjob_state(self.read(submission_id))
+        rayjob = self.read(submission_id)
+        if rayjob is None:  # deleted: by our own cancel (the reconciler then ends the job CANCELLED) or by
+            # someone else; a job not being cancelled is resubmitted and resumes from its checkpoint in S3
+            return RayJobStatus(LOST, "the RayJob no longer exists", JobState.CANCELLED)
+        state, message = rayjob_state(rayjob)
         return RayJobStatus(RAY_STATUS[state], message, state)
 
     def stop(self, submission_id: str) -> None:

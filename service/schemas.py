@@ -257,6 +257,12 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
 
 
+class InputPublic(BaseModel):
+    name: str
+    uri: str  # what a job spec names (teacher.uri, data.prompt_file_uri)
+    size: int  # bytes
+
+
 class CheckpointPublic(BaseModel):
     step: int
     uri: str

@@ -24,8 +24,19 @@ class Settings(BaseSettings):
     S3_SECRET_KEY: str  # no default: a secret
     S3_REGION: str = "us-east-1"
     CHECKPOINT_BUCKET: str = "ckpt"
-    MAX_BODY_BYTES: int = 256 * 1024  # larger request bodies get 413
+    MAX_BODY_BYTES: int = 256 * 1024  # larger request bodies get 413 (input uploads have their own limit)
+    # Tenant inputs (teacher files, prompt files): each tenant reads and writes only s3://INPUTS_BUCKET/
+    # INPUTS_PREFIX<tenant>/; a job naming any other object is refused at submission (422).
+    INPUTS_BUCKET: str = "ckpt"
+    INPUTS_PREFIX: str = "tenants/"
+    MAX_INPUT_BYTES: int = 512 * 2**20  # PUT /v1/inputs/{name}: larger uploads get 413
     RECONCILE_INTERVAL_S: float = 1.0  # how often stored job state is synced with Ray and MLflow
+    # Admission control: jobs handed to the cluster at once (STARTING, RUNNING or CANCELLING), cluster-wide and
+    # per tenant; the rest wait QUEUED, first in first out.
+    MAX_ACTIVE_JOBS: int = Field(4, ge=1)
+    MAX_ACTIVE_JOBS_PER_TENANT: int = Field(2, ge=1)
+    START_TIMEOUT_S: float = Field(1800.0, gt=0)  # a job whose workers have not started by then fails (seconds)
+    MAX_RESUBMITS: int = Field(2, ge=0)  # a job the cluster lost (head restart) is resubmitted this often
     WORKER_ENTRYPOINT: str = "python -m workers.entrypoint"
     # Where jobs run: "ray-jobs" submits to one Ray cluster's Jobs API, "kuberay" creates a RayJob per job.
     CLUSTER_BACKEND: Literal["ray-jobs", "kuberay"] = "ray-jobs"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from rcm_core.config import ConfigError
 from workers import storage
 
 BUILTIN_SHAPES = "builtin:shapes"
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/])/[^\s'\",:)]+")  # /tmp/rcm-..., /home/...: not s3:// or http:// URLs
 
 
 def check_inputs(spec: dict) -> None:
@@ -32,13 +34,8 @@ def check_inputs(spec: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = None
         if uri:
-            from rcm_core.data.shapes import load_prompt_file
-
             prompt_file = storage.fetch_prompt_file(uri, Path(tmp) / "prompts.txt")
-            try:
-                load_prompt_file(prompt_file)
-            except ValueError as exc:  # names the line; show the user's URI, not the local copy's path
-                raise ConfigError(str(exc).replace(str(prompt_file), uri)) from None
+            check_prompt_file(prompt_file, uri)
         distill_config_from_spec(
             spec,
             output_dir=str(Path(tmp) / "run"),
@@ -46,6 +43,36 @@ def check_inputs(spec: dict) -> None:
             prompt_file=None if prompt_file is None else str(prompt_file),
         )
         parallel_config_from_spec(spec)
+
+
+def check_prompt_file(path: Path, uri: str) -> None:
+    """Every caption of the prompt file parses (rcm_core.data.shapes grammar), as the workers will load it.
+
+    NOTE: the message names the URI and the line number, never the line's text or the local copy's path: a
+    failure reason is shown through the API and must not echo file contents.
+
+    Raises:
+        ConfigError: naming `uri` and the first bad line.
+    """
+    from rcm_core.data.shapes import parse_caption
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"data.prompt_file_uri {uri}: not UTF-8 text") from None
+    captions = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            parse_caption(line)
+        except ValueError:
+            raise ConfigError(
+                f"data.prompt_file_uri {uri}, line {number}: not a caption of the shapes grammar (README: prompt files)"
+            ) from None
+        captions += 1
+    if not captions:
+        raise ConfigError(f"data.prompt_file_uri {uri}: no captions (one per line expected)")
 
 
 def resolve_teacher(job_id: str, spec: dict) -> str:
@@ -116,6 +143,14 @@ def _train_builtin(dest: Path) -> None:
     save_teacher(net, dest, meta)
 
 
+def public_error(error: BaseException) -> str:
+    """One line about `error` fit for the job's failure reason: the last line of its message (the innermost
+    exception, after Ray's tracebacks), absolute paths replaced, at most 500 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return ABSOLUTE_PATH.sub("<path>", text)[:500]
+
+
 def main() -> int:
     job_id = os.environ["RCM_JOB_ID"]
     spec = json.loads(os.environ["RCM_JOB_SPEC"])
@@ -133,7 +168,8 @@ def main() -> int:
     )
     result = build_trainer(job_id, spec, teacher_uri).fit()
     if result.error is not None:
-        print(f"rcm-worker: error: training failed: {result.error}", file=sys.stderr, flush=True)
+        print(f"rcm-worker: training error (full): {result.error}", flush=True)  # the cluster's log, for operators
+        print(f"rcm-worker: error: training failed: {public_error(result.error)}", file=sys.stderr, flush=True)
         return 1
     print(f"rcm-worker: job {job_id} finished at {result.metrics}", flush=True)
     return 0

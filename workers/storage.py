@@ -32,13 +32,26 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def s3_reason(exc: Exception) -> str:
+    """Why an S3 call failed, in a few words: no endpoint URL, local path or server text (a failure reason is
+    shown through the API)."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+            return "no such object"
+        if code in ("403", "AccessDenied", "Forbidden"):
+            return "access denied"
+        return f"storage error {code}".strip()
+    return "storage unavailable"
+
+
 def download(uri: str, dest: Path) -> Path:
     bucket, key = split_uri(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         s3_client().download_file(bucket, key, str(dest))
     except (ClientError, BotoCoreError) as exc:
-        raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({exc})") from None
+        raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({s3_reason(exc)})") from None
     return dest
 
 
@@ -55,7 +68,7 @@ def fetch_prompt_file(uri: str, dest: Path) -> Path:
         try:
             s3_client().download_file(bucket, key, str(dest))
         except (ClientError, BotoCoreError) as exc:
-            raise PromptFileUnavailable(f"data.prompt_file_uri {uri}: cannot read it ({exc})") from None
+            raise PromptFileUnavailable(f"data.prompt_file_uri {uri}: cannot read it ({s3_reason(exc)})") from None
         return dest
     root = os.environ.get("RCM_PROMPT_DIR")
     if not root:

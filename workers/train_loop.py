@@ -1,8 +1,9 @@
 """`train_loop_per_worker`: the rCM loop on one Ray Train worker (rank) of N.
 
-Checkpoints: every rank saves its DCP shard into a temp dir (rank 0 adds manifest.json last) and calls
-`ray.train.report(metrics, checkpoint=...)`; Ray merges the shards into one checkpoint under ray/<job id>/ on S3
-and hands the latest back through `ray.train.get_checkpoint()` after a worker failure. With N workers the
+Checkpoints (workers/checkpointing.py): every rank saves its DCP shard into a temp dir and calls
+`ray.train.report(metrics, checkpoint=...)`; Ray merges the shards into one checkpoint under ray/<job id>/ on S3,
+rank 0 writes its manifest.json once every shard is there, and a restarted worker resumes from the newest
+checkpoint with a complete manifest. With N workers the
 networks are sharded (workers/distributed.py) and every collective is entered by all ranks in the same order:
 rank 0 alone reads the cancel marker and broadcasts its answer, and logs to MLflow, evaluates and exports from
 unsharded copies gathered from all ranks.
@@ -17,40 +18,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.train
 import torch
 from torch import nn
 
 from rcm_core import pipeline
-from rcm_core.checkpoint import load_checkpoint, save_checkpoint
+from rcm_core.checkpoint import load_checkpoint
 from rcm_core.distill import Distiller
 from rcm_core.eval import report_json
 from rcm_core.models.flow import FlowModel
-from workers import distributed, evaluation, storage
+from workers import checkpointing, distributed, evaluation, storage
 from workers.entrypoint import BUILTIN_SHAPES
 from workers.spec import distill_config_from_spec, parallel_config_from_spec
 from workers.tracking import RunLogger
 
 
-def _resume(distiller) -> tuple[int, float]:
-    """Load the latest Ray Train checkpoint if any.
+def _resume(distiller, job_id: str) -> tuple[int, float]:
+    """Load the job's newest complete checkpoint if any (workers/checkpointing.py: manifest written last).
 
     Returns:
         (recovery count, training seconds spent before that checkpoint), both carried in its manifest.
     """
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0, 0.0
-    with ckpt.as_directory() as d:
-        manifest = load_checkpoint(distiller, Path(d))
+    with checkpointing.restore_latest(job_id) as d:
+        if d is None:
+            return 0, 0.0
+        manifest = load_checkpoint(distiller, d)
     return int(manifest.get("recovery_count", 0)) + 1, float(manifest.get("train_seconds", 0.0))
 
 
-def _report_checkpoint(distiller, metrics: dict[str, float], recovery_count: int, train_seconds: float) -> None:
+def _report_checkpoint(
+    distiller, metrics: dict[str, float], recovery_count: int, train_seconds: float, job_id: str
+) -> None:
     extra = {"recovery_count": recovery_count, "train_seconds": train_seconds}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(distiller, Path(tmp), distiller.step, extra=extra)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+    checkpointing.report_checkpoint(distiller, metrics, job_id=job_id, step=distiller.step, extra=extra)
 
 
 def _build(config: dict[str, Any], workdir: Path) -> tuple[Any, nn.Module, dict, Distiller, torch.device]:
@@ -89,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job_id, spec = config["job_id"], config["spec"]
     workdir = Path(tempfile.mkdtemp(prefix=f"rcm-{job_id[:8]}-"))
     cfg, teacher_net, meta, distiller, device = _build(config, workdir)
-    recovery_count, trained_before = _resume(distiller)
+    recovery_count, trained_before = _resume(distiller, job_id)
     rank0 = distributed.rank() == 0
     log = RunLogger(os.environ.get("RCM_MLFLOW_RUN_ID") if rank0 else None)
     if distiller.step == 0:
@@ -120,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _evaluate(distiller, teacher_net, cfg, log, workdir)
         if cancel or out_of_time or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             spent = trained_before + time.perf_counter() - start
-            _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count, spent)
+            _report_checkpoint(distiller, {"step": step, "loss": metrics["loss"]}, recovery_count, spent, job_id)
         if cancel:
             log.metrics({"cancelled": 1.0}, step=step)
             return

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[Scope], int | None]) -> None:
         self.app = app
         self.max_bytes = max_bytes  # read per request: settings may change between test apps
 
@@ -27,7 +27,10 @@ class BodySizeLimit:
         if length is None and b"transfer-encoding" not in headers:  # no body (GET, SSE): nothing to count
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes()
+        limit = self.max_bytes(scope)
+        if limit is None:  # a route that streams its body and enforces its own limit (file uploads)
+            await self.app(scope, receive, send)
+            return
         if length is not None and length.isdigit() and int(length) > limit:
             await _too_large(send, limit)
             return

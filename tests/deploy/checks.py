@@ -16,6 +16,7 @@ import ast
 import copy
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+# ../shared/schemas beside the checkout (CI); RCM_SCHEMAS_DIR points elsewhere (e.g. a git worktree)
+SCHEMAS = Path(os.environ.get("RCM_SCHEMAS_DIR") or ROOT.parent / "shared" / "schemas")
 OVERLAYS = ROOT / "deploy" / "kubernetes" / "overlays"
 K8S_VERSION = "1.37.0"  # the newest schema set bundled by kubernetes-validate 1.37.0
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
@@ -311,6 +313,7 @@ def dockerignore_patterns() -> list[str]:
 NOT_DEPLOYED = {
     "PATH": "the system's",
     "RCM_DATA_DIR": "the local loopback stack (scripts/stack.py) and the client's demo-token lookup",
+    "RCM_STACK_PORTS": "the local loopback stack (scripts/stack.py): fixed demo ports or free ones for tests",
     "RCM_API_TOKEN": "the client CLI (rcm_client) on a user's machine",
     "RCM_API_URL": "the client CLI (rcm_client) on a user's machine",
     "LOCAL_RANK": "set by torchrun for scripts/torchrun_rcm.py",

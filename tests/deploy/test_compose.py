@@ -157,3 +157,17 @@ def test_every_variable_read_anywhere_is_deployed_or_listed():
     }
     assert not unaccounted, f"set these in docker-compose.yml and deploy/kubernetes, or list them: {unaccounted}"
     assert checks.ray_node_reads() == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # today's node-level needs
+
+
+def test_only_the_api_and_loopback_consoles_are_published(compose):
+    """MLflow has no authentication and the Ray dashboard only a token: neither may be reachable from another
+    machine. S3 and PostgreSQL publish nothing; the MLflow UI and Ray dashboard only on 127.0.0.1 (an SSH tunnel
+    reaches them); the Ray nodes keep token auth on."""
+    published = {name: svc.get("ports", []) for name, svc in compose["services"].items() if svc.get("ports")}
+    assert set(published) <= {"api", "mlflow", "ray-head"}, published
+    for name in ("mlflow", "ray-head"):
+        assert all(str(p).startswith("127.0.0.1:") for p in published.get(name, [])), published[name]
+    for name, svc in compose["services"].items():
+        assert svc.get("network_mode") != "host", f"{name}: host networking publishes every port"
+        if name.startswith("ray-"):
+            assert svc["environment"]["RAY_AUTH_MODE"] == "token", name

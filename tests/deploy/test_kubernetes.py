@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from service.kuberay import build_rayjob
+from service.schemas import JobCreate
 from service.settings import Settings
 from tests.deploy import checks
 
@@ -205,3 +206,63 @@ def test_mlflow_accepts_the_host_names_it_is_called_by(overlay):
     for name in (host, "rcm-mlflow.rcm.svc:5000", "rcm-mlflow.rcm.svc.cluster.local:5000"):
         assert is_allowed_host_header(allowed, name), name
     assert not is_allowed_host_header(allowed, "evil.example:5000")
+
+
+# -- MLflow and the Ray dashboard have no (or only token) authentication: never reachable from outside ------------
+
+UNAUTHENTICATED = ("rcm-mlflow", "rcm-postgres")  # pod names (app.kubernetes.io/name) with no auth of their own
+
+
+def _policy(objs, name):
+    return checks.find(objs, "NetworkPolicy", name)["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nothing_but_the_api_is_exposed_outside_the_cluster(overlay):
+    """Services stay ClusterIP (no NodePort, LoadBalancer or external IPs), no Ingress, no host ports or host
+    network, and the Ray heads (static RayCluster and every generated RayJob) get no external service or ingress."""
+    objs = checks.render(overlay)
+    assert not [o for o in objs if o["kind"] in ("Ingress", "IngressClass", "Gateway", "HTTPRoute")]
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        spec = svc["spec"]
+        assert spec.get("type", "ClusterIP") == "ClusterIP", f"{svc['metadata']['name']}: {spec.get('type')}"
+        assert not spec.get("externalIPs") and not spec.get("loadBalancerIP"), svc["metadata"]["name"]
+    spec = JobCreate.model_validate_json((checks.ROOT / "examples" / "jobs" / "rcm-ring8.json").read_text())
+    rayjob = build_rayjob("0f6a4f4e-5a0e-4c43-9b8e", spec.model_dump(mode="json"), "run", overlay_settings(objs))
+    clusters = [o["spec"] for o in objs if o["kind"] == "RayCluster"] + [rayjob["spec"]["rayClusterSpec"]]
+    templates = [t for o in objs if o["kind"] in ("Deployment", "StatefulSet") for t in [o["spec"]["template"]]]
+    for cluster in clusters:
+        head = cluster["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+        templates += [head["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+    for template in templates:
+        assert not template["spec"].get("hostNetwork")
+        for c in template["spec"]["containers"]:
+            assert not [p for p in c.get("ports", []) if "hostPort" in p], c["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_and_ray_accept_connections_only_from_the_service_pods(overlay):
+    """Default deny; MLflow and PostgreSQL only from the named pods; Ray's many ports only from Ray pods, its
+    token-protected dashboard only from this namespace and the KubeRay operator. No rule admits an IP block or
+    every source."""
+    objs = checks.render(overlay)
+    policies = [o["spec"] for o in objs if o["kind"] == "NetworkPolicy"]
+    assert any(p["podSelector"] == {} and "Ingress" in p["policyTypes"] and not p.get("ingress") for p in policies)
+    for p in policies:
+        for rule in p.get("ingress", []):
+            if p["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "rcm-api":
+                continue  # the API: every request carries a bearer token
+            assert rule.get("from"), f"{p['podSelector']}: a rule open to every source"
+            assert not [f for f in rule["from"] if "ipBlock" in f], f"{p['podSelector']}: an IP block"
+    for name in UNAUTHENTICATED:
+        sources = [f for rule in _policy(objs, name)["ingress"] for f in rule["from"]]
+        assert all(set(f) == {"podSelector"} and f["podSelector"].get("matchLabels") for f in sources), name
+        allowed = {f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in sources}
+        assert allowed <= {"rcm-api", "rcm-ray", "rcm-mlflow"}, (name, allowed)
+    for rule in _policy(objs, "rcm-ray")["ingress"]:
+        peers = rule["from"]
+        if rule.get("ports"):  # the dashboard port only, from this namespace or the operator's
+            assert [p["port"] for p in rule["ports"]] == [8265]
+        else:  # all ports: other Ray pods only
+            assert peers == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "rcm-ray"}}}]

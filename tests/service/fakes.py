@@ -12,6 +12,7 @@ class FakeCluster:
         self.progress: dict[str, dict[str, float]] = {}
         self.run_statuses: dict[str, str] = {}
         self.fail_submit = False
+        self.objects: dict[tuple[str, str], bytes] = {}  # (bucket, key) -> body: tenant inputs
 
     def create_run(self, experiment, job_id, name):
         return f"run-{job_id}"
@@ -45,6 +46,19 @@ class FakeCluster:
 
     def checkpoints(self, job_id):
         return [{"step": 50, "uri": f"s3://ckpt/ray/{job_id}/checkpoint_1"}]
+
+    def put_input(self, bucket, key, body):
+        self.objects[(bucket, key)] = body.read()
+
+    def list_inputs(self, bucket, prefix):
+        return [
+            {"key": k, "size": len(v)}
+            for (b, k), v in sorted(self.objects.items())
+            if b == bucket and k.startswith(prefix)
+        ]
+
+    def delete_input(self, bucket, key):
+        self.objects.pop((bucket, key), None)
 
     def healthy(self):
         return {"ray": True, "mlflow": True, "s3": True}

@@ -126,3 +126,9 @@ def run_in_threads(fn, n: int) -> list:
     for t in threads:
         t.join(timeout=120)
     return results
+
+
+def teacher_uri(tenant: str = "a") -> str:
+    """A teacher URI inside `tenant-<tenant>`'s own input prefix (service/inputs.py), so a job spec passes the
+    tenant check; nothing is read from it in these tests (no job ever reaches a worker)."""
+    return f"s3://ckpt/tenants/tenant-{tenant}/t.safetensors"

@@ -1,47 +1,55 @@
 """End to end against the real stack on loopback: SeaweedFS, MLflow, a Ray head with the Jobs API and the
-API under uvicorn, all started by scripts/stack.py in a temporary data directory and stopped by PID."""
+API under uvicorn, all started by scripts/stack.py in a temporary data directory on free ports (beside a demo
+stack, if one runs) and stopped by PID."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
+
+from rcm_client import RcmClient
+from tests.service.realstack import running_stack
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
-API = "http://127.0.0.1:8000"
+DEMO_PORTS = (8333, 5000, 8265, 8000, 6379, 10001)  # the demo stack's S3, MLflow, Ray Jobs API, API, GCS, client
+API = MLFLOW = RAY = ""  # this module's stack, set by the `stack` fixture
+INPUTS = "s3://ckpt/tenants/demo/"  # tenant "demo" (token "a"): its input prefix (service/inputs.py)
+TEACHER = INPUTS + "e2e.safetensors"
+
+
+def _hold_demo_ports(stack: ExitStack) -> list[int]:
+    """Listen on the demo stack's fixed ports that are free, as a running `make demo` would."""
+    held = []
+    for port in DEMO_PORTS:
+        s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue  # taken already (a demo stack may really be running): just as good
+        s.listen()
+        held.append(port)
+    return held
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    global API, MLFLOW, RAY
     data = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, "RCM_DATA_DIR": str(data)}
-    env.pop("DATABASE_URL", None)
-
-    def stack_cmd(cmd):
-        return subprocess.run(
-            [sys.executable, "scripts/stack.py", cmd], cwd=ROOT, env=env, timeout=400, capture_output=True, text=True
-        )
-
-    up = stack_cmd("up")
+    started = running_stack(data)
+    with ExitStack() as demo:  # the demo's ports are taken only while this stack starts
+        _hold_demo_ports(demo)
+        st = started.__enter__()
     try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        creds = dict(line.split("=", 1) for line in (data / "stack.env").read_text().split())
-        s3 = boto3.client(
-            "s3",
-            endpoint_url="http://127.0.0.1:8333",
-            aws_access_key_id=creds["S3_ACCESS_KEY"],
-            aws_secret_access_key=creds["S3_SECRET_KEY"],
-            region_name="us-east-1",
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-        )
+        API, MLFLOW, RAY = st.api, st.mlflow, st.ray
         teacher = data / "teacher.safetensors"  # a small real teacher, trained here in a few seconds
         subprocess.run(
             [
@@ -61,21 +69,22 @@ def stack(tmp_path_factory):
             timeout=300,
         )
         next((data / "t" / "teachers").glob("*.safetensors")).rename(teacher)
-        s3.upload_file(str(teacher), "ckpt", "teachers/e2e.safetensors")
-        tokens = {"a": (data / "demo-token").read_text().strip()}
-        out = subprocess.run(
-            [sys.executable, "-m", "service.admin", "create-token", "--tenant", "other"],
-            cwd=ROOT,
-            env={**env, "DATABASE_URL": f"sqlite:///{data}/rcm.db", "S3_ACCESS_KEY": "x", "S3_SECRET_KEY": "x"},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        tokens["b"] = out.stdout.strip()
-        yield {"data": data, "s3": s3, "tokens": tokens, "stack_cmd": stack_cmd}
+        tokens = {"a": st.tokens["demo"], "b": st.create_token("other")}
+        assert RcmClient(API, tokens["a"]).upload(teacher, "e2e.safetensors")["uri"] == TEACHER  # PUT /v1/inputs
+        yield {"data": data, "s3": st.s3, "tokens": tokens, "stack_cmd": st.cmd, "stack": st}
     finally:
-        down = stack_cmd("down")
-        print(down.stdout, down.stderr)
+        started.__exit__(None, None, None)
+
+
+def test_stack_runs_on_free_ports_beside_a_demo_stack(stack):
+    """The fixture started this stack while the demo's fixed ports were taken; every component answers."""
+    st = stack["stack"]
+    ports = {int(u.rsplit(":", 1)[1]) for u in (st.api, st.s3_url, st.mlflow, st.ray)}
+    assert not ports & set(DEMO_PORTS), ports
+    ready = httpx.get(f"{API}/readyz")
+    assert ready.status_code == 200 and all(ready.json()["checks"].values()), ready.text
+    assert httpx.get(f"{MLFLOW}/health").status_code == 200
+    assert httpx.get(f"{RAY}/api/version").status_code == 200
 
 
 def _h(token):
@@ -85,7 +94,7 @@ def _h(token):
 def _spec(name, steps, **schedule):
     return {
         "name": name,
-        "teacher": {"uri": "s3://ckpt/teachers/e2e.safetensors"},
+        "teacher": {"uri": TEACHER},
         "schedule": {"steps": steps, "batch_size": 64, "checkpoint_every": 20, "log_every": 5, **schedule},
     }
 
@@ -107,7 +116,7 @@ def _wait(token, job_id, pred, timeout=240):
 
 def _mlflow_run(job):
     run_id = job["mlflow_run_url"].rsplit("/", 1)[1]
-    return run_id, httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
+    return run_id, httpx.get(f"{MLFLOW}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
 
 
 def _succeed(token, spec, timeout=240):
@@ -141,13 +150,11 @@ def test_submit_job_succeeds_with_metrics_samples_and_checkpoints(stack):
     creds = (stack["data"] / "stack.env").read_text().split()
     assert not any(c.split("=", 1)[1] in str(run) for c in creds)  # no S3 keys in MLflow
     assert {"system/cpu_percent", "system/rss_mb", "eval/1step/sliced_w2"} <= metrics
-    arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
+    arts = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
     assert {"samples.png", "student.safetensors", "report.json", "samples"} <= {f["path"] for f in arts["files"]}
-    periodic = httpx.get(
-        "http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}
-    ).json()
+    periodic = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}).json()
     assert [f["path"] for f in periodic["files"]] == ["samples/step-0000030.png"]  # eval_every=30 of 60 steps
-    ray_job = httpx.get(f"http://127.0.0.1:8265/api/jobs/rcm-{job['id']}").text
+    ray_job = httpx.get(f"{RAY}/api/jobs/rcm-{job['id']}").text
     assert not any(c.split("=", 1)[1] in ray_job for c in creds)  # no S3 keys in Ray's job info either
     ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
     assert [c["step"] for c in ckpts][-1] == 60 and len(ckpts) >= 3
@@ -171,10 +178,10 @@ def test_time_budget_stops_training_and_still_exports(stack):
     assert _export_report(stack, job)["step"] == last
 
 
-@pytest.mark.parametrize("uri", ["s3://ckpt/teachers/missing.safetensors", "s3://ckpt/teachers/garbage.safetensors"])
+@pytest.mark.parametrize("uri", [INPUTS + "missing.safetensors", INPUTS + "garbage.safetensors"])
 def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
-    stack["s3"].put_object(Bucket="ckpt", Key="teachers/garbage.safetensors", Body=b"not a safetensors file")
     tok = stack["tokens"]["a"]
+    httpx.put(f"{API}/v1/inputs/garbage.safetensors", content=b"not a safetensors file", headers=_h(tok))
     spec = {**_spec("e2e-bad-teacher", 10), "teacher": {"uri": uri}}
     job = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok)).json()
     done = _wait(tok, job["id"], lambda j: j["state"] == "FAILED", timeout=120)
@@ -185,20 +192,30 @@ def test_unreadable_or_malformed_teacher_fails_with_a_reason(stack, uri):
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
-        ("s3://ckpt/prompts/bad.txt", "prompt file s3://ckpt/prompts/bad.txt, line 3: "),
-        ("s3://ckpt/prompts/missing.txt", "cannot read it"),
+        (INPUTS + "bad.txt", f"data.prompt_file_uri {INPUTS}bad.txt, line 3: not a caption"),
+        (INPUTS + "missing.txt", "cannot read it (no such object)"),
         ("nowhere/missing.txt", "no such file in the cluster's prompt directory"),
     ],
 )
 def test_malformed_or_missing_prompt_file_fails_with_a_reason(stack, uri, expected):
     bad = b"# two good captions, then one outside the grammar\na photo of a red circle\na photo of a dragon\n"
-    stack["s3"].put_object(Bucket="ckpt", Key="prompts/bad.txt", Body=bad)
     tok = stack["tokens"]["a"]
+    assert httpx.put(f"{API}/v1/inputs/bad.txt", content=bad, headers=_h(tok)).status_code == 201
     spec = {**_spec("e2e-bad-prompts", 10), "data": {"dataset": "shapes", "prompt_file_uri": uri}}
     r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
     assert r.status_code == 202, r.text
     done = _wait(tok, r.json()["id"], lambda j: j["state"] == "FAILED", timeout=120)
     assert expected in done["failure_reason"], done["failure_reason"]
+    assert "dragon" not in done["failure_reason"] and "/tmp" not in done["failure_reason"]  # no contents, no paths
+
+
+def test_inputs_of_another_tenant_or_the_service_are_refused_before_any_read(stack):
+    """Tenant "other" names tenant "demo"'s teacher, a job export and a checkpoint: 422 naming the field."""
+    other = stack["tokens"]["b"]
+    for uri in (TEACHER, "s3://ckpt/jobs/x/export/student.safetensors", "s3://ckpt/ray/x/checkpoint_1/a.distcp"):
+        r = httpx.post(f"{API}/v1/jobs", json={**_spec("e2e-steal", 10), "teacher": {"uri": uri}}, headers=_h(other))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "teacher", "uri"], r.text
+    assert httpx.get(f"{API}/v1/jobs", headers=_h(other)).json()["data"] == []
 
 
 def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
@@ -216,11 +233,9 @@ def test_shapes_job_succeeds_with_sample_grids_and_report(stack):
     assert job["step"] == 4 and "loss" in job["metrics"]
     metrics = {m["key"] for m in run["data"]["metrics"]}
     assert {"loss", "scm_loss", "dmd_loss", "eval/1step/overall", "eval/4step/diversity"} <= metrics
-    arts = httpx.get("http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
+    arts = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}).json()
     assert {"samples.png", "student.safetensors", "report.json", "config.json"} <= {f["path"] for f in arts["files"]}
-    periodic = httpx.get(
-        "http://127.0.0.1:5000/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}
-    ).json()
+    periodic = httpx.get(f"{MLFLOW}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": "samples"}).json()
     assert [f["path"] for f in periodic["files"]] == ["samples/step-0000002.png"]
     export = f"jobs/{job['id']}/export/"
     png = stack["s3"].get_object(Bucket="ckpt", Key=export + "samples.png")["Body"].read()
@@ -256,7 +271,7 @@ def test_two_worker_job_succeeds_with_sharded_checkpoints(stack):
 
 
 def _metric_history(run_id, key):
-    url = "http://127.0.0.1:5000/api/2.0/mlflow/metrics/get-history"
+    url = f"{MLFLOW}/api/2.0/mlflow/metrics/get-history"
     return httpx.get(url, params={"run_id": run_id, "metric_key": key}).json()["metrics"]
 
 
@@ -282,7 +297,8 @@ def test_kill_api_mid_job_keeps_state_and_history(stack):
     pid = int((stack["data"] / "pids" / "api.pid").read_text())
     os.killpg(pid, signal.SIGKILL)
     time.sleep(1)
-    assert stack["stack_cmd"]("up").returncode == 0  # restarts only what is down
+    up = stack["stack_cmd"]("up")  # restarts only what is down
+    assert up.returncode == 0, up.stdout + up.stderr
     after = httpx.get(f"{API}/v1/jobs/{job['id']}/events", headers=_h(tok)).json()
     assert after[: len(before)] == before
     done = _wait(tok, job["id"], lambda j: j["state"] == "SUCCEEDED")
@@ -303,7 +319,7 @@ def test_kill_train_worker_mid_run_recovers_from_checkpoint(stack):
     run_id, _ = _mlflow_run(done)
 
     def history(key):
-        url = "http://127.0.0.1:5000/api/2.0/mlflow/metrics/get-history"
+        url = f"{MLFLOW}/api/2.0/mlflow/metrics/get-history"
         return httpx.get(url, params={"run_id": run_id, "metric_key": key}).json()["metrics"]
 
     # The resumed worker logs recovery_count >= 1 at the step it resumed from; every step logged before that

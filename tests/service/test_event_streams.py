@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 
-from tests.service.live_api import LiveApi, run_in_threads
+from tests.service.live_api import LiveApi, run_in_threads, teacher_uri
 
 CAP = 4
 STREAMS = 24  # well over the cap and over the old pool (5 + 10 connections) that used to run dry
-SPEC = {"name": "sse", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC = {"name": "sse", "teacher": {"uri": teacher_uri("a")}, "schedule": {"steps": 100}}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def api(tmp_path_factory):
 
 def _job(api, tenant="a"):
     with api.client() as c:
-        r = c.post("/v1/jobs", json=SPEC, headers=api.headers(tenant))
+        r = c.post("/v1/jobs", json={**SPEC, "teacher": {"uri": teacher_uri(tenant)}}, headers=api.headers(tenant))
         assert r.status_code == 202, r.text
         return r.json()["id"]
 
@@ -94,7 +94,9 @@ def test_read_events_stream_over_cap_keeps_api_responsive_and_leaks_nothing(api)
                     "healthz": lambda: c.get("/healthz"),
                     "read_job": lambda: c.get(f"/v1/jobs/{job_id}", headers=api.headers()),
                     "read_jobs_b": lambda: c.get("/v1/jobs", headers=api.headers("b")),
-                    "create_job_b": lambda: c.post("/v1/jobs", json=SPEC, headers=api.headers("b")),
+                    "create_job_b": lambda: c.post(
+                        "/v1/jobs", json={**SPEC, "teacher": {"uri": teacher_uri("b")}}, headers=api.headers("b")
+                    ),
                 }.items():
                     t0 = time.monotonic()
                     r = call()

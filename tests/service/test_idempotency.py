@@ -3,9 +3,9 @@ with a different body is refused. Real concurrency: threads released together ag
 
 import pytest
 
-from tests.service.live_api import LiveApi, run_in_threads
+from tests.service.live_api import LiveApi, run_in_threads, teacher_uri
 
-SPEC = {"name": "idem", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC = {"name": "idem", "teacher": {"uri": teacher_uri("a")}, "schedule": {"steps": 100}}
 CALLERS = 16
 
 
@@ -56,7 +56,9 @@ def test_create_job_same_idempotency_key_different_body_is_422(api):
         )
         other = c.post("/v1/jobs", json={**SPEC, "name": "idem-second"}, headers=h)
         other_tenant = c.post(
-            "/v1/jobs", json={**SPEC, "name": "idem-second"}, headers=api.headers("b", **{"Idempotency-Key": "reused"})
+            "/v1/jobs",
+            json={**SPEC, "name": "idem-second", "teacher": {"uri": teacher_uri("b")}},
+            headers=api.headers("b", **{"Idempotency-Key": "reused"}),
         )
     assert (first.status_code, again.status_code, same.status_code) == (202, 200, 200)
     assert first.json()["id"] == again.json()["id"] == same.json()["id"]

@@ -6,10 +6,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.cluster import ClusterJobStatus
-from service.reconciler import reconcile_once
+from service.reconciler import Limits, reconcile_once
 from tests.service.fakes import FakeCluster
 
-SPEC = {"name": "unit", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+# tenant-a's own input (service/inputs.py: s3://INPUTS_BUCKET/tenants/<tenant>/...)
+SPEC = {"name": "unit", "teacher": {"uri": "s3://ckpt/tenants/tenant-a/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC_B = {**SPEC, "teacher": {"uri": "s3://ckpt/tenants/tenant-b/t.safetensors"}}
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,7 @@ def app_and_tokens(tmp_path_factory):
         RECONCILE_INTERVAL_S="3600",
         MAX_BODY_BYTES="4096",
         RATE_LIMIT_PER_S="1000",  # these tests are not about the rate limit (tests/service/test_rate_limits.py)
+        MAX_INPUT_BYTES="65536",
     )
     from service.settings import get_settings
 
@@ -46,8 +49,8 @@ def _h(token):
 
 
 def _reconcile(app, cluster):
-    with app.state.sessionmaker() as s:
-        reconcile_once(s, cluster)
+    with app.state.sessionmaker() as s:  # no admission limits here (tests/service/test_reconciler.py has them)
+        reconcile_once(s, cluster, Limits(max_active_jobs=10**6, max_active_per_tenant=10**6))
 
 
 def test_create_job_returns_202_with_location(app_and_tokens):
@@ -139,7 +142,7 @@ def test_create_job_resources_and_data_422_name_the_fields(app_and_tokens, patch
     [
         {"resources": {"num_workers": 2, "fsdp_degree": 2}},
         {"resources": {"num_workers": 4, "fsdp_degree": 4}, "schedule": {"steps": 10, "batch_size": 64}},
-        {"data": {**SHAPES, "prompt_file_uri": "s3://ckpt/prompts/geneval.txt"}},
+        {"data": {**SHAPES, "prompt_file_uri": "s3://ckpt/tenants/tenant-a/geneval.txt"}},
         {"data": {**SHAPES, "prompt_file_uri": "geneval/colors.txt"}},
         {"data": SHAPES, "teacher": {"uri": "builtin:shapes"}, "resources": {"num_workers": 2, "fsdp_degree": 2}},
         {"data": SHAPES, "eval": {"num_samples": 16, "diversity_samples": 4, "teacher_steps": [4]}},
@@ -159,7 +162,7 @@ def test_create_job_idempotency_key(app_and_tokens):
     again = client.post("/v1/jobs", json=SPEC, headers=h)
     assert first.status_code == 202 and again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
-    other_tenant = client.post("/v1/jobs", json=SPEC, headers={**_h(tokens["b"]), "Idempotency-Key": "abc-1"})
+    other_tenant = client.post("/v1/jobs", json=SPEC_B, headers={**_h(tokens["b"]), "Idempotency-Key": "abc-1"})
     assert other_tenant.json()["id"] != first.json()["id"]
 
 
@@ -181,7 +184,7 @@ def test_read_job_of_another_tenant_is_404(app_and_tokens):
 def test_read_jobs_cursor_pagination_and_filter(app_and_tokens):
     client, tokens, _, _ = app_and_tokens
     for i in range(5):
-        client.post("/v1/jobs", json={**SPEC, "name": f"page-{i}"}, headers=_h(tokens["b"]))
+        client.post("/v1/jobs", json={**SPEC_B, "name": f"page-{i}"}, headers=_h(tokens["b"]))
     seen, cursor = [], None
     while True:
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from tests.service.live_api import LiveApi
+from tests.service.live_api import LiveApi, teacher_uri
 
 MAX_BODY = 256 * 1024
-SPEC = {"name": "bounds", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC = {"name": "bounds", "teacher": {"uri": teacher_uri("a")}, "schedule": {"steps": 100}}
 
 
 @pytest.fixture(scope="module")

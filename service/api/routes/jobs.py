@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from service import crud
 from service.api.deps import ClusterDep, SessionDep, TenantDep
 from service.api.errors import error_responses, validation_error
 from service.db import Job
+from service.inputs import input_errors
 from service.schemas import TERMINAL_STATES, CheckpointPublic, JobCreate, JobPublic, JobsPublic, JobState
 from service.settings import get_settings
 
@@ -67,6 +69,9 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=128, description=IDEMPOTENCY_KEY_DOC)] = None,
 ) -> JobPublic:
     """Queue a distillation job (202); with an Idempotency-Key used before, the job it created first (200)."""
+    errors = input_errors(spec, tenant, get_settings())
+    if errors:  # an object outside the caller's input prefix: refused before anything reads it
+        raise RequestValidationError(errors)
     cap = get_settings().MAX_WORKERS_PER_JOB
     if spec.resources.num_workers > cap:  # a deployment setting, so checked here rather than in the schema
         raise validation_error(
