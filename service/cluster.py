@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import boto3
 import httpx
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
 
@@ -35,6 +36,7 @@ class Cluster(Protocol):
     def set_run_status(self, run_id: str, status: str) -> None: ...
     def run_url(self, run_id: str) -> str: ...
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]: ...
+    def effective_config(self, job_id: str) -> dict[str, Any] | None: ...
     def healthy(self) -> dict[str, bool]: ...
 
 
@@ -51,6 +53,10 @@ def s3_client(settings: Settings):
 
 def cancel_marker_key(job_id: str) -> str:
     return f"jobs/{job_id}/CANCEL"
+
+
+def effective_config_key(job_id: str) -> str:
+    return f"jobs/{job_id}/effective_config.json"
 
 
 def checkpoint_prefix(job_id: str) -> str:
@@ -147,6 +153,14 @@ class RayCluster:
                     manifest = json.loads(self.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
                     out.append({"step": int(manifest["step"]), "uri": f"s3://{bucket}/{obj['Key'].rsplit('/', 1)[0]}"})
         return sorted(out, key=lambda c: c["step"])
+
+    def effective_config(self, job_id: str) -> dict[str, Any] | None:
+        """The settings the worker resolved for the job (written before training starts), None before that."""
+        try:
+            obj = self.s3.get_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=effective_config_key(job_id))
+        except (ClientError, BotoCoreError):  # not written yet, or S3 unreachable: the next poll tries again
+            return None
+        return json.loads(obj["Body"].read())
 
     def _probes(self) -> list[tuple[str, Any]]:
         """(name, callable raising on failure) per dependency checked by /readyz; backends swap the first."""

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import crud
 from service.cluster import RAY_TERMINAL, Cluster
 from service.db import Job, utcnow
-from service.schemas import JobState
+from service.schemas import JobCreate, JobState
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 120.0  # a cancelled job that has not stopped by itself after this is stopped through Ray
@@ -25,7 +25,8 @@ PROGRESS_KEYS = ("step", "loss", "scm_loss", "dmd_loss", "fake_score_loss", "rec
 def _submit(session: Session, cluster: Cluster, job: Job) -> None:
     try:
         if job.mlflow_run_id is None:
-            job.mlflow_run_id = cluster.create_run(job.spec["tracking"]["experiment"], job.id, job.name)
+            experiment = JobCreate.model_validate(job.spec).tracking.experiment  # stored: only what was set
+            job.mlflow_run_id = cluster.create_run(experiment, job.id, job.name)
         job.ray_submission_id = cluster.submit(job.id, job.spec, job.mlflow_run_id)
     except httpx.HTTPError as exc:
         reason = f"cluster unavailable: {type(exc).__name__}"
@@ -39,6 +40,9 @@ def _submit(session: Session, cluster: Cluster, job: Job) -> None:
 def _follow(session: Session, cluster: Cluster, job: Job) -> None:
     assert job.ray_submission_id is not None
     status = cluster.status(job.ray_submission_id)
+    if crud.effective_config(session, job.id) is None and (effective := cluster.effective_config(job.id)):
+        crud.add_event(session, job.id, "effective_config", effective)
+        job.total_steps = int(effective.get("schedule", {}).get("steps", job.total_steps))
     if job.mlflow_run_id:
         progress = {k: v for k, v in cluster.run_progress(job.mlflow_run_id).items() if k in PROGRESS_KEYS}
         step = int(progress.get("step", job.step))

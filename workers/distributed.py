@@ -58,7 +58,7 @@ def build_parallel_dims(config: ParallelConfig, device: torch.device) -> Paralle
     Raises:
         ConfigError: the degrees do not multiply to the number of workers.
     """
-    if world_size() == 1 and config.activation_checkpoint == "none":
+    if world_size() == 1 and config.activation_checkpointing == "none":
         return None
     try:
         dims = ParallelDims.from_config(config, world_size())
@@ -80,7 +80,7 @@ def net_copy_fn(
         return None
     if isinstance(net, DiT):
         return net_copier(parallel_dims=dims, config=config, device=device)
-    dit_only = {"cp_degree": dims.cp_degree, "activation_checkpointing": config.activation_checkpoint}
+    dit_only = {"cp_degree": dims.cp_degree, "activation_checkpointing": config.activation_checkpointing}
     for name, value in dit_only.items():
         if value not in (1, "none"):  # both work inside DiT blocks (attention over tokens, per-block recompute)
             raise ConfigError(f"resources.{name}={value!r} needs a DiT teacher, got {type(net).__name__}")

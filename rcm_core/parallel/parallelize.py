@@ -39,7 +39,7 @@ def parallelize_dit(model: DiT, *, parallel_dims: ParallelDims, config: Parallel
         apply_context_parallel(model, parallel_dims.cp_group)
     # 2. Checkpointing inside FSDP: the block's forward is checkpointed, FSDP's all-gather hooks sit outside
     #    it, so recompute in backward runs on weights FSDP has already re-gathered for that block.
-    apply_activation_checkpointing(model, config.activation_checkpoint)
+    apply_activation_checkpointing(model, config.activation_checkpointing)
     # 3. FSDP last, on the final module tree: one unit per block (the granularity of gathers and frees).
     #    It also carries mixed precision, so one rank with bf16 goes through it too (sharding nothing).
     if parallel_dims.fsdp_enabled or config.mixed_precision != "none":

@@ -12,6 +12,7 @@ class FakeCluster:
         self.progress: dict[str, dict[str, float]] = {}
         self.run_statuses: dict[str, str] = {}
         self.fail_submit = False
+        self.effective: dict[str, dict] = {}
 
     def create_run(self, experiment, job_id, name):
         return f"run-{job_id}"
@@ -45,6 +46,9 @@ class FakeCluster:
 
     def checkpoints(self, job_id):
         return [{"step": 50, "uri": f"s3://ckpt/ray/{job_id}/checkpoint_1"}]
+
+    def effective_config(self, job_id):
+        return self.effective.get(job_id)
 
     def healthy(self):
         return {"ray": True, "mlflow": True, "s3": True}

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from service import crud
 from service.api.deps import ClusterDep, SessionDep, TenantDep
@@ -25,7 +26,7 @@ from service.schemas import (
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def _public(job: Job, cluster: ClusterDep) -> JobPublic:
+def _public(job: Job, cluster: ClusterDep, session: Session) -> JobPublic:
     return JobPublic(
         id=job.id,
         name=job.name,
@@ -39,6 +40,7 @@ def _public(job: Job, cluster: ClusterDep) -> JobPublic:
         created_at=job.created_at,
         updated_at=job.updated_at,
         spec=job.spec,
+        effective_config=crud.effective_config(session, job.id),
     )
 
 
@@ -63,7 +65,7 @@ def create_job(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = status.HTTP_200_OK
-    return _public(job, cluster)
+    return _public(job, cluster, session)
 
 
 @router.get("", response_model=JobsPublic)
@@ -80,13 +82,13 @@ def read_jobs(
         jobs, next_cursor = crud.list_jobs(session, tenant, state=state, limit=limit, cursor=cursor)
     except (ValueError, TypeError):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "cursor: malformed") from None
-    return JobsPublic(data=[_public(j, cluster) for j in jobs], next_cursor=next_cursor)
+    return JobsPublic(data=[_public(j, cluster, session) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def read_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: ClusterDep) -> JobPublic:
     """State, progress, latest metrics, MLflow run URL, failure reason and recovery count."""
-    return _public(_job_or_404(session, tenant, job_id), cluster)
+    return _public(_job_or_404(session, tenant, job_id), cluster, session)
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
@@ -100,7 +102,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: Clu
             cluster.request_cancel(job.id)
         crud.set_state(session, job, JobState.CANCELLING)
         session.commit()
-    return _public(job, cluster)
+    return _public(job, cluster, session)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointPublic])
