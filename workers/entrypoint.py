@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from rcm_core.config import ConfigError
+from rcm_core.parallel.parallelize import check_parallelizable
 from rcm_core.tasks import get_task
 from workers import storage
 from workers.spec import JobConfig, effective_spec, job_config
@@ -59,7 +60,11 @@ def resolve_teacher(job: JobConfig) -> tuple[str, str]:
             raise ConfigError(f"teacher.uri {uri}: not the built-in teacher of task {task.name!r}")
         key = task.teacher_cache_key(cfg)
         if key is None:
-            task.builtin_teacher(cfg)  # loads the shipped file: fails here, not in every worker
+            net, _ = task.builtin_teacher(cfg)  # loads the shipped file: fails here, not in every worker
+            try:
+                check_parallelizable(net, job.parallel, job.parallel.cp_degree)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             return uri, "shipped"
         uri = f"s3://{os.environ['RCM_CHECKPOINT_BUCKET']}/teachers/builtin/{key}.safetensors"
         with tempfile.TemporaryDirectory() as tmp:
@@ -96,11 +101,15 @@ def _check_teacher(path: Path, job: JobConfig, uri: str) -> None:
                 f"teacher.uri {uri}: a {found!r} teacher cannot be distilled on data.dataset "
                 f"{job.distill.data.dataset!r}"
             )
-        task.load_teacher(path)
+        net, _ = task.load_teacher(path)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001  (any parse error means the file is not a teacher)
         raise ConfigError(f"teacher.uri {uri}: not a valid teacher file ({type(exc).__name__})") from None
+    try:  # context parallelism and checkpointing need DiT blocks, Ulysses whole heads per rank
+        check_parallelizable(net, job.parallel, job.parallel.cp_degree)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def main() -> int:
