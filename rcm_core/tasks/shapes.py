@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rcm_core.config import DistillConfig, shapes_rcm
-from rcm_core.tasks import Task, register
+from rcm_core.tasks.base import Task, register
 
 SHIPPED_TEACHER = Path(__file__).parents[1] / "assets" / "shapes_teacher.safetensors"
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

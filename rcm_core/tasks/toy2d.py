@@ -17,7 +17,7 @@ from rcm_core.config import DistillConfig, toy2d_rcm
 from rcm_core.data.toy2d import Toy2DTask
 from rcm_core.models.flow import FlowModel, guided_f
 from rcm_core.sampling import DEFAULT_MID_TIMES, sample_consistency, sample_euler, student_times
-from rcm_core.tasks import Task, content_key, register
+from rcm_core.tasks.base import Task, content_key, register
 from rcm_core.teacher import load_toy2d_teacher, train_toy2d_teacher
 
 TEACHER_SEED = 0  # the built-in teacher is one per config, shared by every job whatever its own seed

@@ -413,3 +413,42 @@ def test_kill_train_worker_mid_run_recovers_from_checkpoint(stack):
     resumed = min((m for m in history("recovery_count") if m["value"] >= 1), key=lambda m: m["timestamp"])
     reached = max(m["value"] for m in history("step") if m["timestamp"] < resumed["timestamp"])
     assert 0 <= reached - resumed["step"] <= 20  # at most one checkpoint interval (20 steps) lost
+
+
+def test_rcm_client_submits_follows_and_cancels_jobs(stack, tmp_path):
+    """The `rcm` job commands (rcm_client, no rcm_core inside) against the live API: submit, list, status,
+    follow the events to the end, bad input (one line, exit 2), cancel."""
+    tok = stack["tokens"]["a"]
+    env = {**os.environ, "RCM_API_URL": API, "RCM_API_TOKEN": tok}
+
+    def rcm(*args, timeout=300):
+        cmd = [sys.executable, "-m", "rcm_client.cli", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: e2e-client\nteacher: {uri: s3://ckpt/teachers/e2e.safetensors}\n"
+        "schedule: {steps: 10, batch_size: 32, checkpoint_every: 10, log_every: 5, eval_every: 10}\n"
+    )
+    out = rcm("submit", str(spec))
+    assert out.returncode == 0, out.stderr
+    job_id, state = out.stdout.split()
+    assert state == "QUEUED"
+    assert job_id in rcm("jobs").stdout
+    logs = rcm("logs", "-f", job_id)  # follows the server-sent events until the job ends
+    assert logs.returncode == 0 and "step 10" in logs.stdout and "SUCCEEDED" in logs.stdout, logs.stdout
+    status = json.loads(rcm("status", job_id).stdout)
+    assert status["state"] == "SUCCEEDED" and status["effective_config"]["schedule"]["steps"] == 10
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "teacher": {"uri": "http://nope"}}))
+    out = rcm("submit", str(bad))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "teacher.uri" in out.stderr, out.stderr
+    out = rcm("cancel", job_id)  # already finished: 409, one line
+    assert out.returncode == 2 and "already SUCCEEDED" in out.stderr
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({**_spec("e2e-client-cancel", 100000, checkpoint_every=100000)}))
+    job_id = rcm("submit", str(long)).stdout.split()[0]
+    _wait(tok, job_id, lambda j: j["state"] == "RUNNING")
+    out = rcm("cancel", job_id)
+    assert out.returncode == 0 and out.stdout.split() == [job_id, "CANCELLING"]
+    _wait(tok, job_id, lambda j: j["state"] == "CANCELLED", timeout=120)
