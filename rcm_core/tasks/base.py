@@ -135,4 +135,3 @@ def student_metrics(task: Task, rows: list[dict[str, Any]]) -> dict[str, float]:
         for k in task.metric_names
         if not math.isnan(r[k])
     }
-
