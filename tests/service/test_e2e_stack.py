@@ -273,12 +273,15 @@ def test_context_parallel_shapes_job_matches_the_one_worker_job(stack, shapes_jo
     job, run_id, run = _succeed(tok, {**SHAPES_SPEC, "name": "e2e-shapes-cp", "resources": resources}, timeout=500)
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["resources.cp_degree"] == "2" and params["resources.activation_checkpointing"] == "full"
+    losses = {}
     for key in ("loss", "scm_loss", "dmd_loss"):
         cp = [m["value"] for m in sorted(_metric_history(run_id, key), key=lambda m: m["step"])]
         ref = [m["value"] for m in sorted(_metric_history(one_run_id, key), key=lambda m: m["step"])]
+        losses[key] = {"cp": cp, "one": ref}
         assert len(cp) == len(ref) == 4, (key, cp, ref)
         for a, b in zip(cp, ref, strict=True):
             assert math.isclose(a, b, rel_tol=LOSS_RTOL), (key, cp, ref)
+    print("e2e CP=2 vs 1 worker losses:", json.dumps(losses))
     scores = {m["key"]: m["value"] for m in run["data"]["metrics"] if m["key"].startswith("eval/")}
     ref_scores = {m["key"]: m["value"] for m in one_run["data"]["metrics"] if m["key"].startswith("eval/")}
     assert scores.keys() == ref_scores.keys() and "eval/1step/overall" in scores

@@ -13,6 +13,7 @@ from rcm_core import pipeline
 from rcm_core.config import apply_overrides, toy2d_rcm
 from rcm_core.data.toy2d import Toy2DTask
 from rcm_core.eval.toy2d import toy2d_metrics
+from rcm_core.tasks.toy2d import sample_student, sample_teacher
 
 pytestmark = pytest.mark.slow
 SHORT = ["teacher.train_steps=1500", "train.steps=600", "train.checkpoint_every=300", "train.log_every=150"]
@@ -31,10 +32,10 @@ def test_short_rcm_run_beats_untrained_student_and_one_step_teacher(run):
     cfg, distiller, _ = run
     task: Toy2DTask = distiller.task
     n, seed = 4000, 99
-    student = toy2d_metrics(pipeline.sample_student(distiller.ema.model, task, n, 1, seed=seed), task)
-    untrained = toy2d_metrics(pipeline.sample_student(distiller.teacher, task, n, 1, seed=seed), task)
+    student = toy2d_metrics(sample_student(distiller.ema.model, task, n, 1, seed=seed), task)
+    untrained = toy2d_metrics(sample_student(distiller.teacher, task, n, 1, seed=seed), task)
     teacher_1 = toy2d_metrics(
-        pipeline.sample_teacher(distiller.teacher, task, n, 1, cfg.teacher.guidance_scale, seed=seed), task
+        sample_teacher(distiller.teacher, task, n, 1, cfg.teacher.guidance_scale, seed=seed), task
     )
     for base in (untrained, teacher_1):
         assert student["mode_coverage"] >= base["mode_coverage"] + 0.5, (student, base)
