@@ -22,25 +22,23 @@ from workers.spec import JobConfig, effective_spec, job_config
 
 
 def check_inputs(spec: dict) -> JobConfig:
-    """Read and parse the prompt file, and convert the spec to rcm_core's configs, as the workers will.
+    """Convert the spec to rcm_core's configs and read and parse its prompt file, as the workers will.
 
     Raises:
         ConfigError, storage.PromptFileUnavailable: with a message for the user.
     """
-    uri = spec.get("data", {}).get("prompt_file_uri")
     with tempfile.TemporaryDirectory() as tmp:
-        prompt_file = None
-        if uri:
+        job = job_config(spec, output_dir=str(Path(tmp) / "run"))
+        if job.prompt_file_uri:
             from rcm_core.data.shapes import load_prompt_file
 
+            uri = job.prompt_file_uri
             prompt_file = storage.fetch_prompt_file(uri, Path(tmp) / "prompts.txt")
             try:
                 load_prompt_file(prompt_file)
             except ValueError as exc:  # names the line; show the user's URI, not the local copy's path
                 raise ConfigError(str(exc).replace(str(prompt_file), uri)) from None
-        return job_config(
-            spec, output_dir=str(Path(tmp) / "run"), prompt_file=None if prompt_file is None else str(prompt_file)
-        )
+    return job
 
 
 def resolve_teacher(job: JobConfig) -> tuple[str, str]:

@@ -11,6 +11,7 @@ reason naming the step and the terms, written for workers/entrypoint.py to repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -72,19 +73,22 @@ def _build(job: JobConfig, teacher_uri: str) -> tuple[nn.Module, dict, Distiller
 
 
 def _fetch_inputs(config: dict[str, Any], workdir: Path) -> JobConfig:
-    """The job's config with local copies of its teacher (unless built in) and prompt file."""
-    spec, teacher_uri = config["spec"], config["teacher_uri"]
+    """The job spec, converted once, with local copies of its teacher (unless built in) and prompt file."""
+    job = job_config(config["spec"], output_dir=str(workdir / "run"))
+    teacher_uri = config["teacher_uri"]  # resolved by the entrypoint (a cached built-in teacher is an s3:// URI)
     teacher_path = None
     if teacher_uri.startswith("s3://"):
         teacher_path = str(storage.download(teacher_uri, workdir / "teacher.safetensors"))
-    prompt_uri = spec.get("data", {}).get("prompt_file_uri")
-    prompt_file = storage.fetch_prompt_file(prompt_uri, workdir / "prompts.txt") if prompt_uri else None
-    return job_config(
-        spec,
-        output_dir=str(workdir / "run"),
-        teacher_path=teacher_path,
-        prompt_file=None if prompt_file is None else str(prompt_file),
+    prompt_file = None
+    if job.prompt_file_uri:
+        prompt_file = str(storage.fetch_prompt_file(job.prompt_file_uri, workdir / "prompts.txt"))
+    cfg = job.distill
+    cfg = dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(cfg.teacher, path=teacher_path),
+        data=dataclasses.replace(cfg.data, prompt_file=prompt_file),
     )
+    return dataclasses.replace(job, distill=cfg, teacher_uri=teacher_uri)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
