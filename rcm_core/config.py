@@ -131,7 +131,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between periodic evaluations of the EMA student (0 = none)
     output_dir: str = "runs/toy2d-rcm"  # checkpoints, reports and plots go here
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available (shapes; 2-D runs on the CPU)
-    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) once training has run this long
+    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) at the first log step after training ran this long
 
     def __post_init__(self) -> None:
         if (
