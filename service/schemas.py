@@ -158,22 +158,22 @@ class ScheduleSpec(_Strict):
 
 class EvalSpec(_Strict):
     """What the worker evaluates: periodically (student at 1 and 4 steps) and in the final report (teacher at
-    teacher_steps Euler steps, student at 1, 2 and 4 steps). Unset fields take the dataset's default."""
+    teacher_steps Euler steps, student at 1, 2 and 4 steps). Unset fields take the task preset's value."""
 
     num_samples: int | None = Field(
         None,
         ge=10,
         le=100_000,
         description="samples per sampler and step count in the final report, half of it in periodic evaluations; "
-        "default 2000 (2-D points) or 126 (shapes images, every benchmark prompt once)",
+        "default: the preset's 4000 (2-D points) or 126 (shapes images, every benchmark prompt once)",
     )
     diversity_samples: int | None = Field(None, ge=2, le=256, description="shapes: images per diversity prompt")
     teacher_steps: list[int] | None = Field(
         None,
         min_length=1,
         max_length=8,
-        description="teacher Euler steps in the final report; default [1, 4, 32] (2-D) or [4] (shapes: CFG doubles "
-        "the cost; the shipped teacher's stored GPU evaluation at 50 steps is added to the report)",
+        description="teacher Euler steps in the final report; default [1, 2, 4, 8, 32] (2-D preset) or [4] (shapes: "
+        "CFG doubles the cost; the shipped teacher's stored GPU evaluation at 50 steps is added to the report)",
     )
     student_mid_times: list[float] | None = Field(
         None,
