@@ -2,21 +2,29 @@
 
 rcm submit job.yaml|job.json    rcm jobs [--state S]    rcm status ID    rcm logs [-f] ID    rcm cancel ID
 rcm upload FILE [--name NAME]   (a teacher or prompt file, stored under this tenant's input prefix)
+
+The client imports nothing of rcm_core (it installs without torch): other commands run `python -m rcm_core.cli`
+in this process's place (exec), so their output and exit status are rcm_core's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 JOB_COMMANDS = {"submit", "jobs", "status", "logs", "cancel", "upload"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    from rcm_core.cli import _Parser  # one-line errors, exit 2
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
+
+def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rcm", description="Job commands of the rcm-distill API (RCM_API_URL, RCM_API_TOKEN).")
     p.add_argument("--url", help="API base URL (default $RCM_API_URL or http://127.0.0.1:8000)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -41,6 +49,8 @@ def _fmt_event(e: dict) -> str:
     if e["kind"] == "progress":
         extra = " ".join(f"{k}={v:.4f}" for k, v in data.items() if k not in ("step", "recovery_count"))
         return f"{e['created_at']}  step {int(data['step'])}  {extra}"
+    if e["kind"] == "effective_config":  # every setting of the job: `rcm status ID` shows them
+        return f"{e['created_at']}  effective_config  (rcm status shows it)"
     return f"{e['created_at']}  {e['kind']}  " + " ".join(f"{k}={v}" for k, v in data.items())
 
 
@@ -90,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     if first in JOB_COMMANDS:
         return run_job_command(argv)
-    from rcm_core.cli import main as core_main
-
-    return core_main(argv)
+    cmd = [sys.executable, "-m", "rcm_core.cli", *argv]
+    try:
+        os.execv(sys.executable, cmd)  # replaces this process: never returns
+    except OSError as exc:
+        print(f"rcm: error: cannot run rcm_core's CLI ({exc})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -62,6 +62,29 @@ def latest_checkpoint(root: Path) -> Path | None:
     return best[1] if best else None
 
 
+class DirectoryStore:
+    """Checkpoints as step-<N>/ directories under `root` (the Trainer's CheckpointStore for local runs).
+
+    Args:
+        resume_from: a checkpoint directory to restore instead of the latest under root; None = the latest.
+        resume: False: restore nothing (start over, existing checkpoints are overwritten step by step).
+    """
+
+    def __init__(self, root: Path, *, resume: bool = True, resume_from: Path | None = None):
+        self.root, self.resume, self.resume_from = root, resume, resume_from
+        self.restored: Path | None = None
+
+    def restore(self, app: Stateful) -> dict[str, Any] | None:
+        path = self.resume_from or (latest_checkpoint(self.root) if self.resume else None)
+        if path is None:
+            return None
+        self.restored = path
+        return load_checkpoint(app, path)
+
+    def save(self, app: Stateful, extra: dict[str, Any], metrics: dict[str, float]) -> None:
+        self.last_saved = save_checkpoint(app, self.root, int(metrics["step"]), extra=extra)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

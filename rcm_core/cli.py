@@ -76,9 +76,8 @@ def cmd_distill(args) -> int:
     print(f"[distill] done: {distiller.step} steps in {time.perf_counter() - start:.0f}s -> {cfg.train.output_dir}")
     if args.no_eval:
         return 0
-    teacher_steps = cfg.eval.teacher_steps if cfg.task == "shapes" else [1, 4, 32]
-    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval", teacher_steps=teacher_steps)
-    print(_table(rows))
+    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval")
+    print(_table(cfg, rows))
     return 0
 
 
@@ -142,8 +141,6 @@ def _load_checkpoint_arg(path: str):
 def cmd_sample(args) -> int:
     import torch
 
-    from rcm_core import pipeline
-
     distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
     model = distiller.ema.model if args.ema else distiller.student
     out = Path(args.out)
@@ -152,9 +149,9 @@ def cmd_sample(args) -> int:
     if args.prompt:
         raise ConfigError("--prompt: only a shapes (text-to-image) checkpoint takes prompts; this one is 2-D")
     n = args.num_samples or 1000
-    x = pipeline.sample_student(
-        model, distiller.task, n, args.steps, seed=args.seed, mid_times=cfg.eval.student_mid_times
-    )
+    from rcm_core.tasks.toy2d import sample_student
+
+    x = sample_student(model, distiller.task, n, args.steps, seed=args.seed, mid_times=cfg.eval.student_mid_times)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         from rcm_core.eval.toy2d import scatter_grid
@@ -200,45 +197,16 @@ def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
     return 0
 
 
-def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_steps: list[int]) -> list[dict]:
-    from rcm_core import pipeline
+def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path) -> list[dict]:
+    """The task's final report (teacher vs EMA student), as the Ray worker writes it; saved under out_dir."""
+    from rcm_core.eval import report_json
+    from rcm_core.tasks import final_report
 
-    if cfg.task == "shapes":
-        return _eval_shapes_checkpoint(distiller, cfg, out_dir, teacher_steps=teacher_steps)
-    from rcm_core.eval.toy2d import save_report, scatter_grid
-
-    task, n, seed = distiller.task, cfg.eval.num_samples, cfg.train.seed + 1000
-    entries = [
-        pipeline.teacher_entry(distiller.teacher, task, cfg.teacher.guidance_scale, teacher_steps, seed),
-        pipeline.student_entry(
-            "student (EMA)", distiller.ema.model, task, cfg.eval.student_steps, seed, cfg.eval.student_mid_times
-        ),
-    ]
-    rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
-    report = save_report(rows, out_dir, extra={"step": distiller.step, "config": dataclasses.asdict(cfg)})
-    grid = scatter_grid(list(samples.items()), out_dir / "samples.png")
-    print(f"[eval] report -> {report}, grid -> {grid}")
-    return rows
-
-
-def _eval_shapes_checkpoint(distiller, cfg: DistillConfig, out_dir: Path, *, teacher_steps: list[int]) -> list[dict]:
-    from rcm_core.eval import shapes as ev
-
-    w = cfg.teacher.guidance_scale
-    entries = [
-        (f"teacher (Euler, CFG {w:g})", ev.teacher_sampler(distiller.teacher, w), teacher_steps),
-        (
-            "student (EMA)",
-            ev.student_sampler(distiller.ema.model, mid_times=cfg.eval.student_mid_times),
-            cfg.eval.student_steps,
-        ),
-    ]
-    rows, images = ev.evaluate(
-        entries, num_samples=cfg.eval.num_samples, diversity_k=cfg.eval.diversity_samples, seed=cfg.train.seed + 1000
-    )
-    report = ev.save_report(rows, out_dir, extra={"step": distiller.step, "config": dataclasses.asdict(cfg)})
-    grid = ev.image_grid(images, out_dir / "samples.png")
-    print(f"[eval] report -> {report}, grid -> {grid}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, _ = final_report(cfg, distiller.teacher, distiller.ema.model, distiller.task, {}, out_dir / "samples.png")
+    report = out_dir / "report.json"
+    report.write_text(report_json({"rows": rows, "step": distiller.step, "config": dataclasses.asdict(cfg)}))
+    print(f"[eval] report -> {report}, grid -> {out_dir / 'samples.png'}")
     return rows
 
 
@@ -251,30 +219,27 @@ def cmd_eval(args) -> int:
     if args.num_samples:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=args.num_samples))
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-    print(_table(_eval_checkpoint(distiller, cfg, out, teacher_steps=cfg.eval.teacher_steps)))
+    print(_table(cfg, _eval_checkpoint(distiller, cfg, out)))
     return 0
 
 
-def _table(rows: list[dict]) -> str:
-    if rows and "overall" in rows[0]:
-        from rcm_core.eval.shapes import format_table as shapes_table
+def _table(cfg: DistillConfig, rows: list[dict]) -> str:
+    from rcm_core.tasks import get_task
 
-        return shapes_table(rows)
-    from rcm_core.eval.toy2d import format_table
-
-    return format_table(rows)
+    return get_task(cfg.task).format_table(rows)
 
 
 def cmd_demo(args) -> int:
     """rCM on the 2-D ring with the short CPU schedule; prints teacher vs. student at 1/2/4 steps."""
     from rcm_core import pipeline
 
-    cfg = apply_overrides(PRESETS["toy2d-rcm"](), [f"train.output_dir={args.out}"] + (args.set or []))
+    demo = ["eval.teacher_steps=[1,2,4,32]", f"train.output_dir={args.out}"]
+    cfg = apply_overrides(PRESETS["toy2d-rcm"](), demo + (args.set or []))
     print(f"[demo] rCM distillation of a 2-D flow teacher ({cfg.train.steps} steps) -> {cfg.train.output_dir}")
     start = time.perf_counter()
     distiller = pipeline.distill(cfg, resume=False, reporter=print_reporter)
-    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval", teacher_steps=[1, 2, 4, 32])
-    print(_table(rows))
+    rows = _eval_checkpoint(distiller, cfg, Path(cfg.train.output_dir) / "eval")
+    print(_table(cfg, rows))
     print(f"[demo] total {time.perf_counter() - start:.0f}s")
     return 0
 

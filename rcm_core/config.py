@@ -128,13 +128,19 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100  # steps between progress lines
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
+    eval_every: int = 0  # steps between periodic evaluations of the EMA student (0 = none)
     output_dir: str = "runs/toy2d-rcm"  # checkpoints, reports and plots go here
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available (shapes; 2-D runs on the CPU)
-    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) once training has run this long
+    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) at the first log step after training ran this long
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1 or self.checkpoint_every < 0:
-            raise ValueError("steps, batch_size, log_every must be >= 1 and checkpoint_every >= 0")
+        if (
+            self.steps < 1
+            or self.batch_size < 1
+            or self.log_every < 1
+            or min(self.checkpoint_every, self.eval_every) < 0
+        ):
+            raise ValueError("steps, batch_size, log_every must be >= 1 and checkpoint_every, eval_every >= 0")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
 

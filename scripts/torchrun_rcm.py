@@ -3,7 +3,7 @@
     torchrun --nproc-per-node G scripts/torchrun_rcm.py --cp-degree 2 --steps 6 --results runs/bench.jsonl
 
 Every rank draws the same global batch (synthetic images and condition tokens, rcm_core.data.random_images),
-the networks split it over dp_shard_degree ranks and each sample's tokens over cp_degree ranks. Rank 0 logs
+the networks split it over fsdp_degree ranks and each sample's tokens over cp_degree ranks. Rank 0 logs
 each step and appends one JSON line per run to --results: step time (mean over the steps after --warmup-steps),
 tokens/s per GPU (global batch x tokens per sample / step time / world size; one rCM step runs the networks
 about 20 times on those tokens, see docs/benchmarks.md) and the peak allocated memory over ranks. NCCL on
@@ -20,7 +20,7 @@ import logging
 import os
 import statistics
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,22 +28,31 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rcm_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from rcm_core.checkpoint import DirectoryStore  # noqa: E402
 from rcm_core.config import DistillConfig, LossConfig, TrainConfig  # noqa: E402
 from rcm_core.data.random_images import RandomImageTask  # noqa: E402
 from rcm_core.distill import Distiller  # noqa: E402
 from rcm_core.models.dit import DiT, DiTConfig, num_params  # noqa: E402
 from rcm_core.parallel.parallel_dims import ParallelConfig, ParallelDims  # noqa: E402
 from rcm_core.parallel.parallelize import net_copier  # noqa: E402
+from rcm_core.trainer import Trainer, TrainHooks  # noqa: E402
 
 log = logging.getLogger("torchrun_rcm")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dp-shard-degree", type=int, default=-1, help="-1: world size / cp degree")
+    p.add_argument(
+        "--fsdp-degree", "--dp-shard-degree", dest="fsdp_degree", type=int, default=-1, help="-1: world / cp degree"
+    )
     p.add_argument("--cp-degree", type=int, default=1)
-    p.add_argument("--activation-checkpoint", choices=["none", "full", "selective"], default="full")
+    p.add_argument(
+        "--activation-checkpointing",
+        "--activation-checkpoint",
+        dest="activation_checkpointing",
+        choices=["none", "full", "selective"],
+        default="full",
+    )
     p.add_argument("--mixed-precision", choices=["none", "bfloat16"], default=None, help="default: bf16 on CUDA")
     # DiT: the defaults give 32,400 tokens per sample (a 360 x 360 x 16 latent, patch 2) and ~0.4 B parameters
     p.add_argument("--image-size", type=int, default=360)
@@ -97,9 +106,9 @@ def build_distiller(args: argparse.Namespace, device: torch.device) -> tuple[Dis
     )
     mixed = args.mixed_precision or ("bfloat16" if device.type == "cuda" else "none")
     pconfig = ParallelConfig(
-        dp_shard_degree=args.dp_shard_degree,
+        fsdp_degree=args.fsdp_degree,
         cp_degree=args.cp_degree,
-        activation_checkpoint=args.activation_checkpoint,
+        activation_checkpointing=args.activation_checkpointing,
         mixed_precision=mixed,
     )
     dims = ParallelDims.from_config(pconfig, dist.get_world_size())
@@ -107,7 +116,8 @@ def build_distiller(args: argparse.Namespace, device: torch.device) -> tuple[Dis
     loss = LossConfig(
         critic_ratio=args.critic_ratio, max_rollout_steps=args.max_rollout_steps, dmd_weight=args.dmd_weight
     )
-    config = DistillConfig(loss=loss, train=TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, log_every=1, eval_every=0)
+    config = DistillConfig(loss=loss, train=train)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         teacher = DiT(cfg)  # on CPU, identical on every rank; a real run loads its teacher here
@@ -123,6 +133,13 @@ def build_distiller(args: argparse.Namespace, device: torch.device) -> tuple[Dis
     return distiller, cfg, pconfig
 
 
+class _RestoreOnly(DirectoryStore):
+    """Without --checkpoint-dir: restore a --resume path, write nothing."""
+
+    def save(self, app, extra, metrics) -> None:
+        pass
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = init_distributed()
@@ -130,12 +147,25 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     distiller, cfg, pconfig = build_distiller(args, device)
     dims = ParallelDims.from_config(pconfig, world)
+    resume_from = None if args.resume in (None, "latest") else Path(args.resume)
+    store_cls = DirectoryStore if args.checkpoint_dir else _RestoreOnly
+    store = store_cls(args.checkpoint_dir or Path("."), resume=bool(args.resume), resume_from=resume_from)
+    seconds, losses = [], []
+
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        # log_every = 1: reading the loss waits for the device, so this is the step's wall time
+        seconds.append(metrics["wall_seconds_per_step"])
+        losses.append(metrics["loss"])
+        log.info("step %d loss %.5f  %.2f s", step, metrics["loss"], seconds[-1])
+
+    trainer = Trainer(distiller, store, TrainHooks(log=log_step))
     if args.resume:
-        path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else Path(args.resume)
-        if path is None:
+        if trainer.resume() is None:
             raise SystemExit(f"--resume: no complete checkpoint under {args.checkpoint_dir}")
-        load_checkpoint(distiller, path)
-        log.info("resumed from %s (step %d)", path, distiller.step)
+        log.info("resumed from step %d", distiller.step)
+    # --steps counts the steps of this launch; checkpoints: every --checkpoint-every and at the end
+    train = replace(distiller.config.train, steps=distiller.step + args.steps, checkpoint_every=args.checkpoint_every)
+    distiller.config = replace(distiller.config, train=train)
     tokens_per_sample = (cfg.image_size // cfg.patch_size) ** 2
     log.info(
         "world %d: dp_shard %d x cp %d, DiT %.3f B params, %d tokens/sample, global batch %d",
@@ -144,19 +174,8 @@ def main(argv=None) -> None:
     )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, losses = [], []
-    for _ in range(args.steps):
-        _synchronize(device)
-        start = time.perf_counter()
-        metrics = distiller.train_step()
-        _synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        losses.append(metrics["loss"])
-        log.info("step %d loss %.5f  %.2f s", distiller.step, metrics["loss"], seconds[-1])
-        if args.checkpoint_dir and args.checkpoint_every and distiller.step % args.checkpoint_every == 0:
-            save_checkpoint(distiller, args.checkpoint_dir, distiller.step)
-    if args.checkpoint_dir:
-        save_checkpoint(distiller, args.checkpoint_dir, distiller.step)
+    _synchronize(device)
+    trainer.run()
     peak = torch.tensor(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     timed = seconds[args.warmup_steps :] or seconds
@@ -170,7 +189,7 @@ def main(argv=None) -> None:
         "dp_shard_degree": dims.dp_shard_degree,
         "cp_degree": dims.cp_degree,
         "mixed_precision": pconfig.mixed_precision,
-        "activation_checkpoint": args.activation_checkpoint,
+        "activation_checkpoint": args.activation_checkpointing,
         "params": num_params(distiller.student),
         "dit": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.num_heads, "patch": cfg.patch_size},
         "tokens_per_sample": tokens_per_sample,

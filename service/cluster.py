@@ -56,6 +56,7 @@ class Cluster(Protocol):
     def put_input(self, bucket: str, key: str, body: Any) -> None: ...
     def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]: ...
     def delete_input(self, bucket: str, key: str) -> None: ...
+    def effective_config(self, job_id: str) -> dict[str, Any] | None: ...
     def healthy(self) -> dict[str, bool]: ...
 
 
@@ -79,6 +80,10 @@ def s3_client(settings: Settings):
 
 def cancel_marker_key(job_id: str) -> str:
     return f"jobs/{job_id}/CANCEL"
+
+
+def effective_config_key(job_id: str) -> str:
+    return f"jobs/{job_id}/effective_config.json"
 
 
 def checkpoint_prefix(job_id: str) -> str:
@@ -209,6 +214,14 @@ class RayCluster:
 
     def delete_input(self, bucket: str, key: str) -> None:
         self.s3.delete_object(Bucket=bucket, Key=key)
+
+    def effective_config(self, job_id: str) -> dict[str, Any] | None:
+        """The settings the worker resolved for the job (written before training starts), None before that."""
+        try:
+            obj = self.s3.get_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=effective_config_key(job_id))
+        except (ClientError, BotoCoreError):  # not written yet, or S3 unreachable: the next poll tries again
+            return None
+        return json.loads(obj["Body"].read())
 
     def _probes(self) -> list[tuple[str, Any]]:
         """(name, callable raising on failure) per dependency checked by /readyz; backends swap the first."""

@@ -82,11 +82,12 @@ def create_job(session: Session, tenant: str, spec: JobCreate, idempotency_key: 
         tenant=tenant,
         name=spec.name,
         state=JobState.QUEUED,
-        spec=spec.model_dump(mode="json"),
+        # only what the user set: the task's preset supplies the rest (the job's effective_config shows it)
+        spec=spec.model_dump(mode="json", exclude_unset=True),
         idempotency_key=idempotency_key,
         request_sha256=digest,
         step=0,
-        total_steps=spec.schedule.steps,
+        total_steps=spec.schedule.steps or 0,  # 0 until the effective config (the preset's steps) is known
         metrics={},
         recovery_count=0,
     )
@@ -168,3 +169,14 @@ def state_since(session: Session, job_id: str) -> dt.datetime:
     """When the job entered its current state (its latest state event)."""
     q = select(JobEvent.created_at).where(JobEvent.job_id == job_id, JobEvent.kind == "state")
     return session.scalars(q.order_by(JobEvent.id.desc()).limit(1)).one()
+
+
+def effective_config(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The settings the worker resolved for the job (the latest "effective_config" event), None before."""
+    row = session.scalar(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == "effective_config")
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    )
+    return row.data if row else None

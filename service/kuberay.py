@@ -23,7 +23,7 @@ import urllib3
 import yaml
 
 from service.cluster import LOST, ClusterJobStatus, RayCluster, public_failure
-from service.schemas import JobState
+from service.schemas import JobState, ResourcesSpec
 from service.settings import Settings
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -153,7 +153,8 @@ def build_rayjob(job_id: str, spec: dict[str, Any], run_id: str, settings: Setti
     Returns:
         The RayJob object (a dict), ready for `CustomObjectsApi.create_namespaced_custom_object`.
     """
-    res = spec["resources"]
+    # the stored spec holds only what was set: the schema's defaults fill the rest
+    res = {**ResourcesSpec().model_dump(), **spec.get("resources", {})}
     num_workers, use_gpu = int(res["num_workers"]), bool(res["use_gpu"])
     per_pod = workers_per_pod(num_workers, settings.KUBERAY_GPUS_PER_POD) if use_gpu else 1
     cpus, memory_gi = per_pod * settings.KUBERAY_CPUS_PER_WORKER, per_pod * settings.KUBERAY_MEMORY_GI_PER_WORKER

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import crud
 from service.cluster import LOST, RAY_TERMINAL, Cluster
 from service.db import Job, utcnow
-from service.schemas import JobState
+from service.schemas import JobCreate, JobState
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 120.0  # a cancelled job that has not stopped by itself after this is stopped through Ray
@@ -47,7 +47,8 @@ class Limits:
 def _submit(session: Session, cluster: Cluster, job: Job) -> None:
     try:
         if job.mlflow_run_id is None:
-            job.mlflow_run_id = cluster.create_run(job.spec["tracking"]["experiment"], job.id, job.name)
+            experiment = JobCreate.model_validate(job.spec).tracking.experiment  # stored: only what was set
+            job.mlflow_run_id = cluster.create_run(experiment, job.id, job.name)
         job.ray_submission_id = cluster.submit(job.id, job.spec, job.mlflow_run_id)
     except httpx.HTTPError as exc:
         reason = f"cluster unavailable: {type(exc).__name__}"
@@ -107,6 +108,9 @@ def _follow(session: Session, cluster: Cluster, job: Job, limits: Limits) -> Non
     if status.status == LOST:
         _lost(session, cluster, job, limits)
         return
+    if crud.effective_config(session, job.id) is None and (effective := cluster.effective_config(job.id)):
+        crud.add_event(session, job.id, "effective_config", effective)
+        job.total_steps = int(effective.get("schedule", {}).get("steps", job.total_steps))
     progress: dict[str, float] = {}
     if job.mlflow_run_id:
         progress = {k: v for k, v in cluster.run_progress(job.mlflow_run_id).items() if k in PROGRESS_KEYS}
@@ -120,10 +124,10 @@ def _follow(session: Session, cluster: Cluster, job: Job, limits: Limits) -> Non
             crud.set_state(session, job, JobState.RUNNING)
         elif (utcnow() - crud.state_since(session, job.id)).total_seconds() > limits.start_timeout_s:
             cluster.stop(job.ray_submission_id)
-            res = job.spec["resources"]
+            res = JobCreate.model_validate(job.spec).resources  # stored: only what was set; defaults filled here
             reason = (
                 f"not started within {limits.start_timeout_s:.0f} s: the cluster could not place the job's "
-                f"{res['num_workers']} worker(s) (resources.num_workers, use_gpu={res['use_gpu']}); "
+                f"{res.num_workers} worker(s) (resources.num_workers, use_gpu={res.use_gpu}); "
                 "ask for fewer workers or retry when the cluster has capacity"
             )
             _finish(session, cluster, job, JobState.FAILED, reason)

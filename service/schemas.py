@@ -1,8 +1,10 @@
 """The job spec (the JSON contract between the API and the workers) and the API's response models.
 
-Defaults are the paper's (rCM, arXiv 2510.08431): lambda = 0.01, 4 critic updates per student update,
-rollouts of up to 4 steps. The worker turns the same dict into rcm_core dataclasses once
-(`workers.spec.distill_config_from_spec`).
+This schema is the one declaration of what a user may set (and its bounds). Fields of the method, schedule,
+teacher and evaluation that a request leaves out are filled by the worker from the task's preset (rcm_core:
+e.g. the paper's lambda = 0.01, 4 critic updates; the shapes task: 2 critic updates, lr 1e-4): the service stores
+only what the user set, and a job's `effective_config` shows what actually ran. The worker turns the stored dict
+into rcm_core dataclasses once (`workers.spec.job_config`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class TeacherSpec(_Strict):
         description="s3://bucket/key.safetensors (written by `rcm teacher train`), builtin:toy2d (the 2-D teacher, "
         "trained on first use) or builtin:shapes (the text-to-image teacher shipped with rcm_core)"
     )
-    parameterization: Literal["rf", "trigflow"] = "rf"
-    guidance_scale: float = Field(1.5, ge=0, le=20, description="CFG weight distilled into the student")
+    parameterization: Literal["rf", "trigflow"] | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=20, description="CFG weight distilled into the student")
 
     @field_validator("uri")
     @classmethod
@@ -89,23 +91,25 @@ class DataSpec(_Strict):
 
 
 class MethodSpec(_Strict):
+    """Unset fields take the task preset's value (see the job's effective_config)."""
+
     # Bounds keep every run in a range where the losses can stay finite in float32 (dmd_weight 1e300 made every
     # loss non-finite); they are wide around the paper's values (lambda 0.01, P_mean 0, P_std 1.6), not tuned.
-    scm_weight: float = Field(1.0, ge=0, le=10)
-    dmd_weight: float = Field(0.01, ge=0, le=10, description="lambda")
-    p_mean: float = Field(0.0, ge=-5, le=5, description="mean of the log-normal proposal of log(sigma)")
-    p_std: float = Field(1.6, gt=0, le=5, description="std of the log-normal proposal of log(sigma)")
-    tangent_warmup_steps: int = Field(200, ge=0, le=10_000_000)
-    time_derivative: Literal["exact", "semi_continuous"] = "exact"
-    fd_step: float = Field(1e-4, gt=0, lt=0.1)
-    max_rollout_steps: int = Field(4, ge=1, le=16)
-    critic_ratio: int = Field(4, ge=1, le=16)
-    lr: float = Field(3e-4, gt=0, le=1)
-    fake_lr: float = Field(1e-3, gt=0, le=1)
-    ema_sigma_rel: float = Field(0.05, gt=0, lt=0.28)
+    scm_weight: float | None = Field(None, ge=0, le=10)
+    dmd_weight: float | None = Field(None, ge=0, le=10, description="lambda")
+    p_mean: float | None = Field(None, ge=-5, le=5, description="mean of the log-normal proposal of log(sigma)")
+    p_std: float | None = Field(None, gt=0, le=5, description="std of the log-normal proposal of log(sigma)")
+    tangent_warmup_steps: int | None = Field(None, ge=0, le=10_000_000)
+    time_derivative: Literal["exact", "semi_continuous"] | None = None
+    fd_step: float | None = Field(None, gt=0, lt=0.1)
+    max_rollout_steps: int | None = Field(None, ge=1, le=16)
+    critic_ratio: int | None = Field(None, ge=1, le=16)
+    lr: float | None = Field(None, gt=0, le=1)
+    fake_lr: float | None = Field(None, gt=0, le=1)
+    ema_sigma_rel: float | None = Field(None, gt=0, lt=0.28)
 
     @model_validator(mode="after")
-    def _some_loss(self) -> MethodSpec:
+    def _some_loss(self) -> MethodSpec:  # what the request says; the worker checks the result with the preset
         if self.scm_weight == 0 and self.dmd_weight == 0:
             raise ValueError("scm_weight and dmd_weight are both 0: nothing to train")
         return self
@@ -120,9 +124,14 @@ class ResourcesSpec(_Strict):
         1, ge=1, le=256, description="workers splitting the batch; FSDP2 shards weights over all workers"
     )
     cp_degree: int = Field(
-        1, ge=1, le=256, description="workers splitting each sample's tokens (Ulysses; DiT teachers only)"
+        1,
+        ge=1,
+        le=256,
+        description="workers splitting each sample's tokens (Ulysses, in every DiT block; DiT-based tasks)",
     )
-    activation_checkpointing: Literal["none", "full", "selective"] = Field("none", description="per DiT block")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="per DiT block, wherever the blocks sit in the network (DiT-based tasks)"
+    )
 
     @model_validator(mode="after")
     def _degrees(self) -> ResourcesSpec:
@@ -135,15 +144,17 @@ class ResourcesSpec(_Strict):
 
 
 class ScheduleSpec(_Strict):
-    steps: int = Field(1500, ge=1, le=10_000_000)
-    batch_size: int = Field(256, ge=1, le=65536)
-    checkpoint_every: int = Field(500, ge=1, le=10_000_000)
-    log_every: int = Field(50, ge=1, le=10_000_000)
-    eval_every: int = Field(
-        500, ge=1, le=10_000_000, description="steps between evaluations (metrics + sample grid in MLflow)"
+    """Unset fields take the task preset's value (see the job's effective_config)."""
+
+    steps: int | None = Field(None, ge=1, le=10_000_000)
+    batch_size: int | None = Field(None, ge=1, le=65536)
+    checkpoint_every: int | None = Field(None, ge=1, le=10_000_000)
+    log_every: int | None = Field(None, ge=1, le=10_000_000)
+    eval_every: int | None = Field(
+        None, ge=1, le=10_000_000, description="steps between evaluations (metrics + sample grid in MLflow)"
     )
-    seed: int = Field(
-        0, ge=0, le=2**31 - 1, description="seeds every RNG of the run (a 31-bit value every library takes)"
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="seeds every RNG of the run (a 31-bit value every library takes)"
     )
     max_minutes: float | None = Field(
         None,
@@ -158,22 +169,22 @@ class ScheduleSpec(_Strict):
 
 class EvalSpec(_Strict):
     """What the worker evaluates: periodically (student at 1 and 4 steps) and in the final report (teacher at
-    teacher_steps Euler steps, student at 1, 2 and 4 steps). Unset fields take the dataset's default."""
+    teacher_steps Euler steps, student at 1, 2 and 4 steps). Unset fields take the task preset's value."""
 
     num_samples: int | None = Field(
         None,
         ge=10,
         le=100_000,
         description="samples per sampler and step count in the final report, half of it in periodic evaluations; "
-        "default 2000 (2-D points) or 126 (shapes images, every benchmark prompt once)",
+        "default: the preset's 4000 (2-D points) or 126 (shapes images, every benchmark prompt once)",
     )
-    diversity_samples: int = Field(8, ge=2, le=256, description="shapes: images per diversity prompt")
+    diversity_samples: int | None = Field(None, ge=2, le=256, description="shapes: images per diversity prompt")
     teacher_steps: list[int] | None = Field(
         None,
         min_length=1,
         max_length=8,
-        description="teacher Euler steps in the final report; default [1, 4, 32] (2-D) or [4] (shapes: CFG doubles "
-        "the cost; the shipped teacher's stored GPU evaluation at 50 steps is added to the report)",
+        description="teacher Euler steps in the final report; default [1, 2, 4, 8, 32] (2-D preset) or [4] (shapes: "
+        "CFG doubles the cost; the shipped teacher's stored GPU evaluation at 50 steps is added to the report)",
     )
     student_mid_times: list[float] | None = Field(
         None,
@@ -234,14 +245,7 @@ class JobCreate(_Strict):
             )
         if self.data.dataset != "shapes" and self.teacher.uri == "builtin:shapes":
             raise ValueError("teacher.uri builtin:shapes is a text-to-image teacher: data.dataset must be 'shapes'")
-        if self.data.dataset == "shapes":  # TextToImageNet is not a DiT: both act inside DiT blocks only
-            unavailable = {"cp_degree": 1, "activation_checkpointing": "none"}
-            for name in (k for k, default in unavailable.items() if getattr(r, k) != default):
-                raise ValueError(
-                    f"resources.{name}={getattr(r, name)!r} is not available with data.dataset 'shapes' "
-                    "(its text-to-image network is not a DiT; use fsdp_degree to add workers)"
-                )
-        if self.schedule.batch_size % r.fsdp_degree:
+        if self.schedule.batch_size is not None and self.schedule.batch_size % r.fsdp_degree:
             raise ValueError(
                 f"schedule.batch_size ({self.schedule.batch_size}) must be divisible by resources.fsdp_degree "
                 f"({r.fsdp_degree}): each of those workers takes an equal share of the batch"
@@ -283,7 +287,10 @@ class JobPublic(BaseModel):
     recovery_count: int
     created_at: UtcDatetime
     updated_at: UtcDatetime
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # the fields the user set
+    # every setting the job runs with, in the spec's shape (the task preset filling what `spec` leaves out);
+    # null until the worker has resolved it
+    effective_config: dict[str, Any] | None = None
 
 
 class JobsPublic(BaseModel):

@@ -7,11 +7,12 @@ each rank draws the same global batch from the same generator, the network keeps
 context parallelism, its tokens) and all-gathers its output, FSDP2 shards the weights over every rank and SUMS
 the per-rank gradients, so losses and metrics are the same on every rank and one copy of the truth exists.
 
-- A DiT goes through `rcm_core.parallel.parallelize.net_copier`: batch sharding, Ulysses context parallelism,
-  activation checkpointing, FSDP2 per block.
+- A network with DiT blocks (a bare DiT, or the shapes task's text encoder + DiT) goes through
+  `rcm_core.parallel.parallelize.net_copier`: batch sharding, Ulysses context parallelism, activation
+  checkpointing and FSDP2 per DiT block, encoders as FSDP units of their own.
 - Any other network (the 2-D MLP teacher) gets batch sharding and one FSDP2 unit at its root. It is small, so
   per-block units would only add collectives; context parallelism splits tokens inside attention, so it needs
-  a DiT (refused here, and by the service's schema for the 2-D datasets).
+  DiT blocks (refused here, and by the service's schema for the 2-D datasets).
 NOTE: replicating the network instead (every rank computing the identical step) was rejected: N copies of the
 same work, and ranks that stay in step only while every kernel is bitwise deterministic.
 """
@@ -29,10 +30,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from rcm_core.config import ConfigError
-from rcm_core.models.dit import DiT
 from rcm_core.parallel.fsdp import apply_batch_sharding
 from rcm_core.parallel.parallel_dims import ParallelConfig, ParallelDims
-from rcm_core.parallel.parallelize import net_copier
+from rcm_core.parallel.parallelize import check_parallelizable, dits_in, net_copier
 
 
 def rank() -> int:
@@ -58,7 +58,7 @@ def build_parallel_dims(config: ParallelConfig, device: torch.device) -> Paralle
     Raises:
         ConfigError: the degrees do not multiply to the number of workers.
     """
-    if world_size() == 1 and config.activation_checkpoint == "none":
+    if world_size() == 1 and config.activation_checkpointing == "none":
         return None
     try:
         dims = ParallelDims.from_config(config, world_size())
@@ -78,12 +78,12 @@ def net_copy_fn(
     """
     if dims is None:
         return None
-    if isinstance(net, DiT):
+    try:  # both work inside DiT blocks (attention over tokens, per-block recompute), wherever they sit
+        check_parallelizable(net, config, dims.cp_degree)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if dits_in(net):
         return net_copier(parallel_dims=dims, config=config, device=device)
-    dit_only = {"cp_degree": dims.cp_degree, "activation_checkpointing": config.activation_checkpoint}
-    for name, value in dit_only.items():
-        if value not in (1, "none"):  # both work inside DiT blocks (attention over tokens, per-block recompute)
-            raise ConfigError(f"resources.{name}={value!r} needs a DiT teacher, got {type(net).__name__}")
     if dims.world_size == 1:
         return None
 

@@ -3,7 +3,7 @@
 Errors a user can fix (unreadable or malformed teacher or prompt file, invalid spec) end the job with one
 readable line on stderr and exit status 1, before any Ray Train worker starts (a failure inside the workers
 would be retried FailureConfig.max_failures times first); Ray puts the tail of the log into the job's failure
-message.
+message. So does a run the workers stopped as non-finite (their reason is read back from S3).
 """
 
 from __future__ import annotations
@@ -16,33 +16,26 @@ import tempfile
 from pathlib import Path
 
 from rcm_core.config import ConfigError
+from rcm_core.parallel.parallelize import check_parallelizable
+from rcm_core.tasks import get_task
 from workers import storage
+from workers.spec import JobConfig, effective_spec, job_config
 
-BUILTIN_SHAPES = "builtin:shapes"
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/])/[^\s'\",:)]+")  # /tmp/rcm-..., /home/...: not s3:// or http:// URLs
 
 
-def check_inputs(spec: dict) -> None:
-    """Read and parse the prompt file, and convert the spec to rcm_core's configs, as the workers will.
+def check_inputs(spec: dict) -> JobConfig:
+    """Convert the spec to rcm_core's configs and read and parse its prompt file, as the workers will.
 
     Raises:
         ConfigError, storage.PromptFileUnavailable: with a message for the user.
     """
-    from workers.spec import distill_config_from_spec, parallel_config_from_spec
-
-    uri = spec["data"].get("prompt_file_uri")
     with tempfile.TemporaryDirectory() as tmp:
-        prompt_file = None
-        if uri:
-            prompt_file = storage.fetch_prompt_file(uri, Path(tmp) / "prompts.txt")
-            check_prompt_file(prompt_file, uri)
-        distill_config_from_spec(
-            spec,
-            output_dir=str(Path(tmp) / "run"),
-            teacher_path=None,
-            prompt_file=None if prompt_file is None else str(prompt_file),
-        )
-        parallel_config_from_spec(spec)
+        job = job_config(spec, output_dir=str(Path(tmp) / "run"))
+        if job.prompt_file_uri:
+            uri = job.prompt_file_uri
+            check_prompt_file(storage.fetch_prompt_file(uri, Path(tmp) / "prompts.txt"), uri)
+    return job
 
 
 def check_prompt_file(path: Path, uri: str) -> None:
@@ -75,72 +68,73 @@ def check_prompt_file(path: Path, uri: str) -> None:
         raise ConfigError(f"data.prompt_file_uri {uri}: no captions (one per line expected)")
 
 
-def resolve_teacher(job_id: str, spec: dict) -> str:
-    """The teacher's S3 URI (or builtin:shapes), after checking that it can be read and fits the dataset.
+def resolve_teacher(job: JobConfig) -> tuple[str, str]:
+    """The teacher's URI after checking that it can be read and fits the task, and where it came from.
 
-    builtin:shapes stays as it is: the workers load the teacher shipped inside rcm_core (rcm_core/assets), which
-    every worker image has, so there is nothing to upload and no second copy to keep in step with the package.
+    A built-in teacher that ships with rcm_core stays `builtin:<task>` (every worker image has it). One that is
+    trained (the 2-D teacher) is trained once per config and shared by every job: it is cached in S3 under
+    teachers/builtin/<content key>.safetensors, the key a hash of everything that shapes its weights.
+
+    Returns:
+        (URI the workers load, source: "shipped" | "cached" | "trained" | "uri")
     """
-    uri = spec["teacher"]["uri"]
-    if uri == BUILTIN_SHAPES:
-        from rcm_core.pipeline import SHIPPED_SHAPES_TEACHER
-
-        _check_teacher(SHIPPED_SHAPES_TEACHER, spec)
-        return uri
-    bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "teacher.safetensors"
-        if uri == "builtin:toy2d":  # train the built-in 2-D teacher once and cache it in S3
-            uri = f"s3://{bucket}/teachers/builtin-toy2d.safetensors"
+    cfg, uri = job.distill, job.teacher_uri
+    task = get_task(cfg.task)
+    if uri.startswith("builtin:"):
+        if uri != f"builtin:{task.name}":
+            raise ConfigError(f"teacher.uri {uri}: not the built-in teacher of task {task.name!r}")
+        key = task.teacher_cache_key(cfg)
+        if key is None:
+            net, _ = task.builtin_teacher(cfg)  # loads the shipped file: fails here, not in every worker
+            try:
+                check_parallelizable(net, job.parallel, job.parallel.cp_degree)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            return uri, "shipped"
+        uri = f"s3://{os.environ['RCM_CHECKPOINT_BUCKET']}/teachers/builtin/{key}.safetensors"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "teacher.safetensors"
             try:
                 storage.download(uri, local)
+                source = "cached"
             except storage.TeacherUnavailable:
-                _train_builtin(local)
+                from rcm_core.teacher import save_teacher
+
+                net, meta = task.builtin_teacher(cfg)
+                save_teacher(net, local, meta)
                 storage.upload(local, uri)
-        elif uri.startswith("s3://"):
-            storage.download(uri, local)
-        else:
-            raise ConfigError(f"teacher.uri: unsupported {uri!r}")
-        _check_teacher(local, spec)
-    return uri
+                source = "trained"
+            _check_teacher(local, job, uri)
+        return uri, source
+    if not uri.startswith("s3://"):
+        raise ConfigError(f"teacher.uri: unsupported {uri!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.download(uri, Path(tmp) / "teacher.safetensors")
+        _check_teacher(local, job, uri)
+    return uri, "uri"
 
 
-def _check_teacher(path: Path, spec: dict) -> None:
-    """Load the teacher file as the workers will; its task must be the dataset's."""
-    from rcm_core.shapes_teacher import load_shapes_teacher
-    from rcm_core.teacher import load_toy2d_teacher, read_teacher_meta
+def _check_teacher(path: Path, job: JobConfig, uri: str) -> None:
+    """Load the teacher file as the workers will; its task must be the job's."""
+    from rcm_core.teacher import read_teacher_meta
 
-    task = "shapes" if spec["data"]["dataset"] == "shapes" else "toy2d"
+    task = get_task(job.distill.task)
     try:
         found = read_teacher_meta(path).get("task", "toy2d")
-        if found != task:
+        if found != task.name:
             raise ConfigError(
-                f"teacher.uri {spec['teacher']['uri']}: a {found!r} teacher cannot be distilled on data.dataset "
-                f"{spec['data']['dataset']!r}"
+                f"teacher.uri {uri}: a {found!r} teacher cannot be distilled on data.dataset "
+                f"{job.distill.data.dataset!r}"
             )
-        (load_shapes_teacher if task == "shapes" else load_toy2d_teacher)(path)
+        net, _ = task.load_teacher(path)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001  (any parse error means the file is not a teacher)
-        raise ConfigError(
-            f"teacher.uri {spec['teacher']['uri']}: not a valid teacher file ({type(exc).__name__})"
-        ) from None
-
-
-def _train_builtin(dest: Path) -> None:
-    from rcm_core.config import toy2d_rcm
-    from rcm_core.teacher import save_teacher, train_toy2d_teacher
-
-    cfg = toy2d_rcm()
-    net, record = train_toy2d_teacher(cfg.data, cfg.model, cfg.teacher)
-    meta = {
-        "task": "toy2d",
-        "parameterization": "rf",
-        "data": cfg.data.__dict__,
-        "model": cfg.model.__dict__,
-        "training": record,
-    }
-    save_teacher(net, dest, meta)
+        raise ConfigError(f"teacher.uri {uri}: not a valid teacher file ({type(exc).__name__})") from None
+    try:  # context parallelism and checkpointing need DiT blocks, Ulysses whole heads per rank
+        check_parallelizable(net, job.parallel, job.parallel.cp_degree)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def public_error(error: BaseException) -> str:
@@ -155,21 +149,25 @@ def main() -> int:
     job_id = os.environ["RCM_JOB_ID"]
     spec = json.loads(os.environ["RCM_JOB_SPEC"])
     try:
-        check_inputs(spec)
-        teacher_uri = resolve_teacher(job_id, spec)
+        job = check_inputs(spec)
+        teacher_uri, source = resolve_teacher(job)
     except (ConfigError, storage.TeacherUnavailable, storage.PromptFileUnavailable) as exc:
         print(f"rcm-worker: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    storage.put_json(effective_spec(job), f"jobs/{job_id}/effective_config.json")
     from workers.launch import build_trainer
 
     print(
-        f"rcm-worker: job {job_id}: teacher {teacher_uri}; starting {spec['resources']['num_workers']} worker(s)",
-        flush=True,
+        f"rcm-worker: job {job_id}: teacher {teacher_uri} ({source}); starting {job.num_workers} worker(s)", flush=True
     )
-    result = build_trainer(job_id, spec, teacher_uri).fit()
+    result = build_trainer(job_id, job, spec, teacher_uri, source).fit()
     if result.error is not None:
         print(f"rcm-worker: training error (full): {result.error}", flush=True)  # the cluster's log, for operators
         print(f"rcm-worker: error: training failed: {public_error(result.error)}", file=sys.stderr, flush=True)
+        return 1
+    reason = storage.failure_reason(job_id)
+    if reason is not None:
+        print(f"rcm-worker: error: {reason}", file=sys.stderr, flush=True)
         return 1
     print(f"rcm-worker: job {job_id} finished at {result.metrics}", flush=True)
     return 0

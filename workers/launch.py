@@ -9,6 +9,7 @@ import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from workers.spec import JobConfig
 from workers.train_loop import train_loop_per_worker
 
 MAX_FAILURES = 3  # worker crashes tolerated per job; each restart resumes from the latest checkpoint
@@ -27,12 +28,13 @@ def s3_filesystem() -> pyarrow.fs.S3FileSystem:
     )
 
 
-def build_trainer(job_id: str, spec: dict[str, Any], teacher_uri: str) -> TorchTrainer:
-    res = spec["resources"]
+def build_trainer(job_id: str, job: JobConfig, spec: dict[str, Any], teacher_uri: str, source: str) -> TorchTrainer:
+    """Args: job: the converted spec (sizes the cluster); spec: the raw one, which every worker converts again."""
+    config = {"job_id": job_id, "spec": spec, "teacher_uri": teacher_uri, "teacher_source": source}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job_id": job_id, "spec": spec, "teacher_uri": teacher_uri},
-        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"]),
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu),
         run_config=RunConfig(
             name=job_id,  # re-running the same job id resumes from its latest checkpoint
             storage_path=f"{os.environ['RCM_CHECKPOINT_BUCKET']}/ray",

@@ -1,90 +1,141 @@
-"""The job spec (JSON, validated by the service) -> rcm_core's DistillConfig and ParallelConfig, in one place."""
+"""The job spec (the service's JobCreate, as JSON) <-> rcm_core's dataclasses: one conversion each way.
+
+The REST schema declares what a user may set; rcm_core's dataclasses (through the task's preset) hold every
+default. The service stores only the fields a user set, so `job_config` starts from the preset of the
+dataset's task and overrides exactly those fields. Fields are routed by name, the same name at every layer:
+a spec section maps onto the dataclass(es) below, and a field lands in whichever of them declares it, so a
+new method field is declared twice: once in the schema (bounds, API text), once in its dataclass (default).
+`effective_spec` is the inverse: the settings that actually ran, in the spec's shape (recorded in MLflow and
+returned by the API).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from dataclasses import dataclass
 from typing import Any
 
-from rcm_core.config import ConfigError, DistillConfig, config_from_dict, shapes_rcm, toy2d_rcm
+from rcm_core.config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    LossConfig,
+    OptimConfig,
+    TeacherConfig,
+    TrainConfig,
+    config_from_dict,
+)
 from rcm_core.parallel.parallel_dims import ParallelConfig
+from rcm_core.tasks import task_for_dataset
 
-# The evaluation of a job whose spec leaves `eval` fields unset (the student is always sampled at 1, 2, 4 steps).
-# 2-D: what the worker has always used. Shapes: every benchmark prompt once, the teacher at 4 Euler steps only
-# (CFG: 2 network calls per step; 50 steps on a 2-core CPU take minutes).
-EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "toy2d": {"num_samples": 2000, "teacher_steps": [1, 4, 32]},
-    "shapes": {"num_samples": 126, "teacher_steps": [4]},
+# spec section -> DistillConfig sections whose fields it carries
+SECTIONS: dict[str, dict[str, type]] = {
+    "teacher": {"teacher": TeacherConfig},
+    "data": {"data": DataConfig},
+    "method": {"loss": LossConfig, "optim": OptimConfig},
+    "schedule": {"train": TrainConfig},
+    "eval": {"eval": EvalConfig},
 }
+# spec fields the worker itself handles (inputs to fetch, the cluster's shape); `resources` goes to ParallelConfig
+WORKER_FIELDS = {"teacher": {"uri"}, "data": {"prompt_file_uri"}, "resources": {"num_workers", "use_gpu"}}
+JOB_SECTIONS = {"name", "student", "tracking"}  # the service's own (naming, tracking); nothing to train by
+# dataclass fields that are local paths of this worker, never part of what a user sets or sees
+LOCAL_FIELDS = {"teacher": {"path"}, "data": {"prompt_file", "pool_size"}, "train": {"output_dir"}}
 
 
-def distill_config_from_spec(
-    spec: dict[str, Any], *, output_dir: str, teacher_path: str | None, prompt_file: str | None = None
-) -> DistillConfig:
-    """Map the service's JobCreate dict onto DistillConfig (raises rcm_core.config.ConfigError when invalid).
+@dataclass(kw_only=True)
+class JobConfig:
+    """A job spec, converted once: nothing reads the raw dict after this."""
+
+    distill: DistillConfig
+    parallel: ParallelConfig
+    teacher_uri: str  # s3://bucket/key or builtin:<task>
+    prompt_file_uri: str | None
+    num_workers: int
+    use_gpu: bool
+
+
+def job_config(
+    spec: dict[str, Any], *, output_dir: str, teacher_path: str | None = None, prompt_file: str | None = None
+) -> JobConfig:
+    """The spec (only the fields its user set) on top of its task's preset.
 
     Args:
-        prompt_file: local copy of the spec's data.prompt_file_uri (the worker downloads it), or None.
+        teacher_path / prompt_file: local copies the worker downloaded (None before they are fetched).
+    Raises:
+        ConfigError: naming the spec field (e.g. "method.critic_ratio: ...").
     """
-    m, s, t = spec["method"], spec["schedule"], spec["teacher"]
-    task = "shapes" if spec["data"]["dataset"] == "shapes" else "toy2d"
-    data: dict[str, Any] = {"dataset": spec["data"]["dataset"]}
-    if prompt_file is not None:
-        data["prompt_file"] = prompt_file
-    given = spec.get("eval", {})  # absent from specs stored before the service had an `eval` section
-    e = {**EVAL_DEFAULTS[task], **{k: v for k, v in given.items() if v is not None}}
-    return config_from_dict(
-        {
-            "task": task,
-            "data": data,
-            "teacher": {
-                "path": teacher_path,
-                "parameterization": t["parameterization"],
-                "guidance_scale": t["guidance_scale"],
-            },
-            "loss": {
-                k: m[k]
-                for k in (
-                    "scm_weight",
-                    "dmd_weight",
-                    "p_mean",
-                    "p_std",
-                    "tangent_warmup_steps",
-                    "time_derivative",
-                    "fd_step",
-                    "max_rollout_steps",
-                    "critic_ratio",
-                )
-            },
-            "optim": {"lr": m["lr"], "fake_lr": m["fake_lr"], "ema_sigma_rel": m["ema_sigma_rel"]},
-            "train": {
-                "steps": s["steps"],
-                "batch_size": s["batch_size"],
-                "seed": s["seed"],
-                "log_every": s["log_every"],
-                "checkpoint_every": s["checkpoint_every"],
-                "max_minutes": s.get("max_minutes") or 0.0,  # absent from specs stored before the field existed
-                "output_dir": output_dir,
-            },
-            "eval": {
-                "num_samples": e["num_samples"],
-                "teacher_steps": e["teacher_steps"],
-                "student_steps": [1, 2, 4],
-                "diversity_samples": e.get("diversity_samples", 8),
-                **({"student_mid_times": e["student_mid_times"]} if e.get("student_mid_times") else {}),
-            },
-        },
-        base=shapes_rcm() if task == "shapes" else toy2d_rcm(),  # the preset supplies what the spec does not set
+    unknown = set(spec) - set(SECTIONS) - set(WORKER_FIELDS) - JOB_SECTIONS
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
+    dataset = spec.get("data", {}).get("dataset") or DataConfig().dataset
+    task = task_for_dataset(dataset)
+    update: dict[str, dict[str, Any]] = {}
+    for section, targets in SECTIONS.items():
+        for key, value in spec.get(section, {}).items():
+            if value is None or key in WORKER_FIELDS.get(section, ()):
+                continue
+            target = next((name for name, cls in targets.items() if key in _field_names(cls)), None)
+            if target is None:
+                raise ConfigError(f"{section}.{key}: unknown field")
+            update.setdefault(target, {})[key] = value
+    update.setdefault("teacher", {})["path"] = teacher_path
+    update.setdefault("data", {})["prompt_file"] = prompt_file
+    update.setdefault("train", {})["output_dir"] = output_dir
+    try:
+        distill = config_from_dict({"task": task.name, **update}, base=task.preset())
+    except ConfigError as exc:
+        raise ConfigError(_spec_path(str(exc))) from None
+    resources = spec.get("resources", {})
+    parallel_fields = {k: v for k, v in resources.items() if k not in WORKER_FIELDS["resources"]}
+    try:
+        parallel = ParallelConfig(**parallel_fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"resources: {exc}") from None
+    num_workers = resources.get("num_workers", 1)
+    fsdp = parallel.fsdp_degree if parallel.fsdp_degree > 0 else num_workers // parallel.cp_degree
+    if distill.train.batch_size % max(fsdp, 1):
+        raise ConfigError(
+            f"schedule.batch_size ({distill.train.batch_size}) must be divisible by resources.fsdp_degree ({fsdp})"
+        )
+    return JobConfig(
+        distill=distill,
+        parallel=parallel,
+        teacher_uri=spec.get("teacher", {}).get("uri", f"builtin:{task.name}"),
+        prompt_file_uri=spec.get("data", {}).get("prompt_file_uri"),
+        num_workers=num_workers,
+        use_gpu=resources.get("use_gpu", False),
     )
 
 
-def parallel_config_from_spec(spec: dict[str, Any]) -> ParallelConfig:
-    """resources -> ParallelConfig: fsdp_degree ranks split the batch (FSDP2 shards the weights over all of them
-    and the cp_degree ranks alike), cp_degree ranks split each sample's tokens."""
-    r = spec["resources"]
-    try:
-        return ParallelConfig(
-            dp_shard_degree=r["fsdp_degree"],
-            cp_degree=r["cp_degree"],
-            activation_checkpoint=r["activation_checkpointing"],
-        )
-    except ValueError as exc:
-        raise ConfigError(f"resources: {exc}") from None
+def effective_spec(job: JobConfig) -> dict[str, Any]:
+    """What the job runs with, in the spec's shape and names (the inverse of `job_config`)."""
+    cfg = job.distill
+    out: dict[str, Any] = {}
+    for section, targets in SECTIONS.items():
+        fields: dict[str, Any] = {}
+        for name in targets:
+            value = getattr(cfg, name)
+            hidden = LOCAL_FIELDS.get(name, set())
+            fields |= {k: v for k, v in dataclasses.asdict(value).items() if k not in hidden}
+        out[section] = fields
+    out["teacher"]["uri"] = job.teacher_uri
+    out["data"]["prompt_file_uri"] = job.prompt_file_uri
+    parallel = dataclasses.asdict(job.parallel)
+    out["resources"] = {"num_workers": job.num_workers, "use_gpu": job.use_gpu, **parallel}
+    return out
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+_SPEC_SECTION = {inner: outer for outer, targets in SECTIONS.items() for inner in targets}
+
+
+def _spec_path(message: str) -> str:
+    """ConfigError text names DistillConfig paths (loss.x, train.y); the user wrote method.x, schedule.y."""
+    m = re.match(r"^(\w+)([.:].*)$", message, re.S)
+    return f"{_SPEC_SECTION[m.group(1)]}{m.group(2)}" if m and m.group(1) in _SPEC_SECTION else message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -96,3 +97,24 @@ def cancel_requested(job_id: str) -> bool:
         return True
     except ClientError:
         return False
+
+
+def put_json(payload: dict, key: str) -> None:
+    """Write `payload` as JSON to the checkpoint bucket (e.g. jobs/<id>/effective_config.json, read by the API)."""
+    body = json.dumps(payload).encode()
+    s3_client().put_object(Bucket=os.environ["RCM_CHECKPOINT_BUCKET"], Key=key, Body=body)
+
+
+def write_failure(job_id: str, reason: str) -> None:
+    """Record why the workers ended the job (read by the entrypoint after Ray Train returns)."""
+    s3_client().put_object(
+        Bucket=os.environ["RCM_CHECKPOINT_BUCKET"], Key=f"jobs/{job_id}/FAILURE", Body=reason.encode()
+    )
+
+
+def failure_reason(job_id: str) -> str | None:
+    try:
+        obj = s3_client().get_object(Bucket=os.environ["RCM_CHECKPOINT_BUCKET"], Key=f"jobs/{job_id}/FAILURE")
+    except ClientError:
+        return None
+    return obj["Body"].read().decode(errors="replace")[:2000]

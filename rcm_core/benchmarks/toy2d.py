@@ -18,7 +18,8 @@ import torch
 from rcm_core import pipeline
 from rcm_core.config import PRESETS, apply_overrides
 from rcm_core.eval import report_json
-from rcm_core.eval.toy2d import format_table, scatter_grid
+from rcm_core.eval.toy2d import format_table
+from rcm_core.tasks import eval_seed, get_task
 
 
 def run_toy2d_benchmark(out: Path, *, overrides: list[str], reporter=pipeline._quiet) -> tuple[str, list[Path]]:
@@ -34,18 +35,13 @@ def run_toy2d_benchmark(out: Path, *, overrides: list[str], reporter=pipeline._q
         seconds[name] = round(time.perf_counter() - start, 1)
     assert cfg is not None
     distiller = students["toy2d-rcm"]
-    task, n, seed = distiller.task, cfg.eval.num_samples, cfg.train.seed + 1000
-    entries = [
-        pipeline.teacher_entry(distiller.teacher, task, cfg.teacher.guidance_scale, cfg.eval.teacher_steps, seed)
-    ]
     labels = {"toy2d-scm": "sCM-only", "toy2d-dmd": "DMD-only", "toy2d-rcm": "rCM"}
-    for name, d in students.items():
-        entries.append(
-            pipeline.student_entry(
-                f"{labels[name]} (EMA)", d.ema.model, task, cfg.eval.student_steps, seed, cfg.eval.student_mid_times
-            )
-        )
-    rows, samples = pipeline.evaluate_rows(entries, task, n, seed)
+    entries = [("teacher (Euler)", distiller.teacher, cfg.eval.teacher_steps, True)]
+    entries += [(f"{labels[name]} (EMA)", d.ema.model, cfg.eval.student_steps, False) for name, d in students.items()]
+    grid = out / "samples.png"
+    rows = get_task("toy2d").evaluate(
+        cfg, entries, distiller.task, num_samples=cfg.eval.num_samples, seed=eval_seed(cfg), grid=grid
+    )
     table = format_table(rows)
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -56,5 +52,4 @@ def run_toy2d_benchmark(out: Path, *, overrides: list[str], reporter=pipeline._q
     }
     (out / "report.json").write_text(report_json({"rows": rows, **meta}))
     (out / "table.md").write_text(table + "\n")
-    grid = scatter_grid(list(samples.items()), out / "samples.png", columns=len(cfg.eval.student_steps) + 2)
     return table, [out / "report.json", out / "table.md", grid]

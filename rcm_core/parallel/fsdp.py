@@ -91,9 +91,41 @@ def apply_fsdp(
     # The final layer runs last in forward and first in backward: keeping it gathered saves one all-gather.
     fully_shard(model.final, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    sum_gradients(model)
+
+
+def sum_gradients(model: nn.Module) -> None:
+    """Every FSDP unit in `model` reduce-scatters a plain sum of the ranks' gradients."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # every rank's loss is the whole loss, its gradient a partial sum: add, do not average
             module.set_gradient_divide_factor(1.0)
             if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain SUM: gloo has no PREMUL_SUM
                 module.set_force_sum_reduction_for_comms(True)
+
+
+def apply_fsdp_to_tree(
+    model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True
+) -> None:
+    """FSDP2 for a network with DiTs anywhere inside (e.g. a text encoder + DiT): each DiT as `apply_fsdp` shards
+    it (time path, blocks, final layer, its root), each other child of the root that holds weights (an encoder)
+    as a unit of its own, then the root (whatever weights are left).
+
+    Args: as for `apply_fsdp`.
+    """
+    if isinstance(model, DiT):
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+        return
+    if mesh.size() == 1:
+        reshard_after_forward = False  # as in apply_fsdp: nothing to free on one rank
+    for dit in [m for m in model.modules() if isinstance(m, DiT)]:
+        apply_fsdp(dit, mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+    reduce_dtype = None if param_dtype is None else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    for child in model.children():
+        holds_dit = any(isinstance(m, DiT) for m in child.modules())
+        if not holds_dit and any(True for _ in child.parameters()):
+            # an encoder: gathered once per forward, freed after it (its output does not depend on x or t)
+            fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    sum_gradients(model)

@@ -17,21 +17,24 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    dp_shard_degree: int = -1  # ranks splitting the batch; -1 = world_size / cp_degree
+    # field names are the job spec's (service resources.*): one name per setting at every layer
+    fsdp_degree: int = -1  # ranks splitting the batch (dp_shard); -1 = world_size / cp_degree
     cp_degree: int = 1  # ranks splitting each sample's tokens (Ulysses); must divide heads and tokens
-    activation_checkpoint: Literal["none", "full", "selective"] = "none"  # per DiT block
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # per DiT block
     mixed_precision: Literal["none", "bfloat16"] = "none"  # bfloat16: bf16 blocks, fp32 time path and reductions
     reshard_after_forward: bool = True  # FSDP: free each block's gathered weights after its forward (ZeRO-3)
 
     def __post_init__(self) -> None:
-        if self.activation_checkpoint == "selective" and self.mixed_precision != "none":
+        if self.activation_checkpointing == "selective" and self.mixed_precision != "none":
             # NOTE: bf16 puts the fp32 adaLN linears in FSDP units nested inside each checkpointed block; their
             # hooks issue different ops in forward and in recompute, which per-op checkpointing rejects.
-            raise ValueError("activation_checkpoint 'selective' needs mixed_precision 'none'; use 'full' with bfloat16")
-        if self.cp_degree < 1 or (self.dp_shard_degree < 1 and self.dp_shard_degree != -1):
             raise ValueError(
-                f"cp_degree must be >= 1 and dp_shard_degree >= 1 or -1, got cp_degree={self.cp_degree}, "
-                f"dp_shard_degree={self.dp_shard_degree}"
+                "activation_checkpointing 'selective' needs mixed_precision 'none'; use 'full' with bfloat16"
+            )
+        if self.cp_degree < 1 or (self.fsdp_degree < 1 and self.fsdp_degree != -1):
+            raise ValueError(
+                f"cp_degree must be >= 1 and fsdp_degree >= 1 or -1, got cp_degree={self.cp_degree}, "
+                f"fsdp_degree={self.fsdp_degree}"
             )
 
 
@@ -57,8 +60,8 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
-        """Fill in dp_shard_degree = -1 as world_size / cp_degree."""
-        dp = config.dp_shard_degree
+        """Fill in fsdp_degree = -1 as world_size / cp_degree."""
+        dp = config.fsdp_degree
         if dp == -1:
             if world_size % config.cp_degree:
                 raise ValueError(f"world_size ({world_size}) is not divisible by cp_degree ({config.cp_degree})")

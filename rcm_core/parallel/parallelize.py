@@ -1,12 +1,15 @@
-"""Parallelize a DiT: batch and context parallel -> activation checkpointing -> FSDP2; build one on `meta`.
+"""Parallelize a network: batch and context parallel -> activation checkpointing -> FSDP2, applied to the DiT
+blocks wherever they sit (a bare DiT, or a text encoder + DiT), encoders as FSDP units of their own.
 
 `build_parallel_dit` is the torchtitan recipe (arXiv 2410.06511): build on the meta device (no memory),
 parallelize, `to_empty` on the real device (each rank allocates only its shards), then initialise or load
-a full state dict into the shards. `net_copier` turns it into the Distiller's `copy_net`.
+a full state dict into the shards. Other trees are copied, then parallelized in place (`parallelize_net`).
+`net_copier` turns either into the Distiller's `copy_net`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -15,8 +18,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from rcm_core.models.dit import DiT, DiTConfig
 from rcm_core.parallel.activation_checkpoint import apply_activation_checkpointing
-from rcm_core.parallel.context_parallel import apply_context_parallel
-from rcm_core.parallel.fsdp import apply_batch_sharding, apply_fsdp
+from rcm_core.parallel.context_parallel import apply_context_parallel, check_context_parallel
+from rcm_core.parallel.fsdp import apply_batch_sharding, apply_fsdp, apply_fsdp_to_tree
 from rcm_core.parallel.parallel_dims import ParallelConfig, ParallelDims
 
 _PARAM_DTYPES = {"none": None, "bfloat16": torch.bfloat16}
@@ -39,11 +42,65 @@ def parallelize_dit(model: DiT, *, parallel_dims: ParallelDims, config: Parallel
         apply_context_parallel(model, parallel_dims.cp_group)
     # 2. Checkpointing inside FSDP: the block's forward is checkpointed, FSDP's all-gather hooks sit outside
     #    it, so recompute in backward runs on weights FSDP has already re-gathered for that block.
-    apply_activation_checkpointing(model, config.activation_checkpoint)
+    apply_activation_checkpointing(model, config.activation_checkpointing)
     # 3. FSDP last, on the final module tree: one unit per block (the granularity of gathers and frees).
     #    It also carries mixed precision, so one rank with bf16 goes through it too (sharding nothing).
     if parallel_dims.fsdp_enabled or config.mixed_precision != "none":
         apply_fsdp(
+            model,
+            parallel_dims.fsdp_mesh,
+            param_dtype=_PARAM_DTYPES[config.mixed_precision],
+            reshard_after_forward=config.reshard_after_forward,
+        )
+    return model
+
+
+def dits_in(model: nn.Module) -> list[DiT]:
+    """The DiTs of a network tree (the model itself when it is one), outermost first."""
+    return [m for m in model.modules() if isinstance(m, DiT)]
+
+
+def check_parallelizable(model: nn.Module, config: ParallelConfig, cp_degree: int) -> None:
+    """Raise ValueError, naming the setting, when `config` cannot apply to `model` (before any process starts).
+
+    Context parallelism splits tokens inside DiT self-attention and checkpointing wraps DiT blocks: both need
+    a DiT somewhere in the tree, and Ulysses needs its heads and tokens divisible by cp_degree.
+    """
+    dits = dits_in(model)
+    if not dits:
+        for name, value in {
+            "cp_degree": cp_degree,
+            "activation_checkpointing": config.activation_checkpointing,
+        }.items():
+            if value not in (1, "none"):
+                raise ValueError(f"resources.{name}={value!r} needs a DiT in the network, got {type(model).__name__}")
+    for dit in dits:
+        if cp_degree > 1:
+            check_context_parallel(dit.cfg, cp_degree)
+
+
+def parallelize_net(model: nn.Module, *, parallel_dims: ParallelDims, config: ParallelConfig) -> nn.Module:
+    """`parallelize_dit` for any network holding DiTs (e.g. TextToImageNet): the same steps in the same order.
+
+    Batch sharding wraps the root (all inputs, the condition included, split by rows; the output gathered);
+    context parallelism and checkpointing act on each DiT's blocks; FSDP2 shards each DiT per block, each
+    encoder as one unit, then the root.
+    """
+    if isinstance(model, DiT):
+        return parallelize_dit(model, parallel_dims=parallel_dims, config=config)
+    check_parallelizable(model, config, parallel_dims.cp_degree)
+    dits = dits_in(model)
+    # 1. hooks first (see parallelize_dit); the DiT's own sequence hooks shard its tokens, after the encoder
+    if parallel_dims.dp_enabled:
+        apply_batch_sharding(model, parallel_dims.dp_group)
+    for dit in dits:
+        if parallel_dims.cp_enabled:
+            apply_context_parallel(dit, parallel_dims.cp_group)
+        # 2. checkpointing inside FSDP, per block
+        apply_activation_checkpointing(dit, config.activation_checkpointing)
+    # 3. FSDP last, on the final tree
+    if parallel_dims.fsdp_enabled or config.mixed_precision != "none":
+        apply_fsdp_to_tree(
             model,
             parallel_dims.fsdp_mesh,
             param_dtype=_PARAM_DTYPES[config.mixed_precision],
@@ -77,14 +134,20 @@ def build_parallel_dit(
 
 def net_copier(
     *, parallel_dims: ParallelDims, config: ParallelConfig, device: torch.device | str
-) -> Callable[[nn.Module], DiT]:
-    """The Distiller's `copy_net`: a parallel DiT holding the given DiT's weights (teacher, student, fake, EMA)."""
+) -> Callable[[nn.Module], nn.Module]:
+    """The Distiller's `copy_net`: a parallel copy of the given network (teacher, student, fake, EMA).
 
-    def copy_net(net: nn.Module) -> DiT:
-        if not isinstance(net, DiT):
-            raise TypeError(f"rcm_core.parallel parallelizes DiT networks, got {type(net).__name__}")
-        return build_parallel_dit(
-            net.cfg, parallel_dims=parallel_dims, config=config, device=device, state_dict=net.state_dict()
-        )
+    A bare DiT is built on `meta` and loaded (each rank allocates only its shards); any other tree with DiTs
+    inside is deep-copied to the device, then parallelized in place.
+    """
+
+    def copy_net(net: nn.Module) -> nn.Module:
+        if isinstance(net, DiT):
+            return build_parallel_dit(
+                net.cfg, parallel_dims=parallel_dims, config=config, device=device, state_dict=net.state_dict()
+            )
+        if not dits_in(net):
+            raise TypeError(f"rcm_core.parallel parallelizes networks with DiT blocks, got {type(net).__name__}")
+        return parallelize_net(copy.deepcopy(net).to(device), parallel_dims=parallel_dims, config=config)
 
     return copy_net

@@ -45,4 +45,4 @@ def test_unknown_checkpoint_policy_is_rejected():
 
 def test_selective_checkpointing_needs_full_precision():
     with pytest.raises(ValueError, match="'selective' needs mixed_precision 'none'"):
-        ParallelConfig(activation_checkpoint="selective", mixed_precision="bfloat16")
+        ParallelConfig(activation_checkpointing="selective", mixed_precision="bfloat16")

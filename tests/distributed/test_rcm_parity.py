@@ -77,7 +77,7 @@ def test_rcm_step_on_n_ranks_equals_one_rank_and_resumes_exactly(reference, tmp_
 
 
 def test_parallel_config_defaults_are_single_device_exact():
-    assert ParallelConfig().mixed_precision == "none" and ParallelConfig().activation_checkpoint == "none"
+    assert ParallelConfig().mixed_precision == "none" and ParallelConfig().activation_checkpointing == "none"
 
 
 def test_bf16_mixed_precision_keeps_the_time_path_float32(tmp_path):

@@ -165,7 +165,7 @@ def run_rcm_steps(
     device = f"cuda:{rank}" if dist.get_backend() == "nccl" else "cpu"
     torch.use_deterministic_algorithms(True, warn_only=device != "cpu")  # CUDA: warn where no deterministic kernel
     torch.set_default_dtype(getattr(torch, dtype_name))
-    config = ParallelConfig(dp_shard_degree=dp, cp_degree=cp, activation_checkpoint=ac)
+    config = ParallelConfig(fsdp_degree=dp, cp_degree=cp, activation_checkpointing=ac)
     d = _parallel_distiller(world, dp, cp, config, device)
     steps, path = [], None
     for i in range(rcm_setup.NUM_STEPS):
@@ -188,7 +188,7 @@ def run_mixed_precision(rank: int, world: int, out_path: str) -> None:
     torch.use_deterministic_algorithms(True)
     result = {}
     for checkpointing in ("none", "full"):
-        config = ParallelConfig(cp_degree=world, activation_checkpoint=checkpointing, mixed_precision="bfloat16")
+        config = ParallelConfig(cp_degree=world, activation_checkpointing=checkpointing, mixed_precision="bfloat16")
         d = _parallel_distiller(world, 1, world, config, "cpu")
         dtypes: dict[str, torch.dtype] = {}
         net = d.student.net

@@ -13,6 +13,7 @@ class FakeCluster:
         self.run_statuses: dict[str, str] = {}
         self.fail_submit = False
         self.objects: dict[tuple[str, str], bytes] = {}  # (bucket, key) -> body: tenant inputs
+        self.effective: dict[str, dict] = {}
 
     def create_run(self, experiment, job_id, name):
         return f"run-{job_id}"
@@ -59,6 +60,9 @@ class FakeCluster:
 
     def delete_input(self, bucket, key):
         self.objects.pop((bucket, key), None)
+
+    def effective_config(self, job_id):
+        return self.effective.get(job_id)
 
     def healthy(self):
         return {"ray": True, "mlflow": True, "s3": True}

@@ -10,7 +10,8 @@ FORBIDDEN = {
     "rcm_core": {"ray", "fastapi", "service", "workers", "mlflow", "boto3"},
     "workers": {"service", "fastapi"},
     "service": {"torch", "rcm_core", "workers", "triton", "rcm_client"},
-    "rcm_client": {"service", "workers", "fastapi", "ray", "torch"},
+    # the client installs without the method: a job command needs httpx and yaml only
+    "rcm_client": {"service", "workers", "fastapi", "ray", "torch", "rcm_core"},
 }
 
 
@@ -37,3 +38,51 @@ def test_triton_only_in_kernels():
     for f in (ROOT / "rcm_core").rglob("*.py"):
         if "kernels" not in f.parts:
             assert "triton" not in _imports(f), f
+
+
+def _module_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (anywhere in the file: a function-level import runs too).
+
+    `from pkg import name` depends on pkg.name when that is a module, else on pkg itself.
+    """
+    files = {}
+    for package in packages:
+        for f in (ROOT / package).rglob("*.py"):
+            parts = f.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & files.keys()
+                deps |= subs or {node.module}
+        graph[name] = (deps & files.keys()) - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n))), None)
+
+
+def test_no_import_cycles_between_project_modules():
+    """e.g. workers.train_loop -> workers.entrypoint -> workers.launch -> workers.train_loop (issue 16)."""
+    graph = _module_graph(("workers", "rcm_core", "rcm_client", "service"))
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])

@@ -15,6 +15,7 @@ from rcm_core.config import PRESETS, ConfigError, apply_overrides
 from rcm_core.data.shapes import PooledShapesTask, ShapesTask, all_prompts, load_prompt_file, parse_caption
 from rcm_core.eval.shapes import benchmark_prompts, format_table
 from rcm_core.shapes_teacher import load_shapes_teacher
+from rcm_core.tasks.shapes import SHIPPED_TEACHER
 
 TINY = [
     "train.steps=2",
@@ -83,8 +84,8 @@ def test_config_rejects_mismatched_task_and_prompt_file_on_2d():
 
 
 def test_shipped_teacher_loads_and_records_how_it_was_made():
-    net, meta = load_shapes_teacher(pipeline.SHIPPED_SHAPES_TEACHER)
-    assert pipeline.SHIPPED_SHAPES_TEACHER.stat().st_size <= 25 * 10**6
+    net, meta = load_shapes_teacher(SHIPPED_TEACHER)
+    assert SHIPPED_TEACHER.stat().st_size <= 25 * 10**6
     assert meta["parameterization"] == "rf" and meta["config"]["guidance_scale"] == 2.0
     training = meta["training"]
     assert "H100" in training["hardware"] and training["command"] and len(training["stages"]) == 2
@@ -114,7 +115,7 @@ def test_cli_distills_evaluates_and_benchmarks_the_shapes_teacher(tmp_path):
     ckpt = latest_checkpoint(run / "checkpoints")
     distiller, cfg, _ = pipeline.load_student(ckpt)
     assert distiller.step == 2 and cfg.task == "shapes"
-    shipped, _ = load_shapes_teacher(pipeline.SHIPPED_SHAPES_TEACHER)
+    shipped, _ = load_shapes_teacher(SHIPPED_TEACHER)
     for a, b in zip(distiller.teacher.net.state_dict().values(), shipped.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # the teacher is reloaded from its file, not left at random init
     assert not all(

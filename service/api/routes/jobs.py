@@ -19,7 +19,7 @@ from service.settings import get_settings
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def _public(job: Job, cluster: ClusterDep) -> JobPublic:
+def _public(job: Job, cluster: ClusterDep, session: Session) -> JobPublic:
     return JobPublic(
         id=job.id,
         name=job.name,
@@ -33,6 +33,7 @@ def _public(job: Job, cluster: ClusterDep) -> JobPublic:
         created_at=job.created_at,
         updated_at=job.updated_at,
         spec=job.spec,
+        effective_config=crud.effective_config(session, job.id),
     )
 
 
@@ -90,7 +91,7 @@ def create_job(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = status.HTTP_200_OK
-    return _public(job, cluster)
+    return _public(job, cluster, session)
 
 
 @router.get("", response_model=JobsPublic, responses=error_responses(401, 429, 503))
@@ -107,13 +108,13 @@ def read_jobs(
         jobs, next_cursor = crud.list_jobs(session, tenant, state=state, limit=limit, cursor=cursor)
     except (ValueError, TypeError):
         raise validation_error(("query", "cursor"), "malformed cursor: pass back a next_cursor unchanged") from None
-    return JobsPublic(data=[_public(j, cluster) for j in jobs], next_cursor=next_cursor)
+    return JobsPublic(data=[_public(j, cluster, session) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404, 429, 503))
 def read_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: ClusterDep) -> JobPublic:
     """State, progress, latest metrics, MLflow run URL, failure reason and recovery count."""
-    return _public(job_or_404(session, tenant, job_id), cluster)
+    return _public(job_or_404(session, tenant, job_id), cluster, session)
 
 
 @router.post(
@@ -132,7 +133,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep, cluster: Clu
             cluster.request_cancel(job.id)
         crud.set_state(session, job, JobState.CANCELLING)
         session.commit()
-    return _public(job, cluster)
+    return _public(job, cluster, session)
 
 
 @router.get(

@@ -113,6 +113,6 @@ def test_two_ranks_match_one_rank_and_resume_exactly(reference, tmp_path):
         assert math.isclose(got, ref, rel_tol=RTOL, abs_tol=1e-6)
     assert all(r["replay"] == r["losses"][-1] for r in ranks)  # resumed from the sharded checkpoint: bit-exact
     assert [r["decided"] for r in ranks] == [True, True]  # rank 0's answer on both ranks
-    assert all(r["refused"] == "resources.cp_degree=2 needs a DiT teacher, got MLPFlowNet" for r in ranks)
+    assert all(r["refused"] == "resources.cp_degree=2 needs a DiT in the network, got MLPFlowNet" for r in ranks)
     shards = sorted(p.name for p in (tmp_path / "ckpt" / f"step-{NUM_STEPS - 1}").iterdir())
     assert "manifest.json" in shards and sum(n.endswith(".distcp") for n in shards) == 2
