@@ -7,6 +7,7 @@ picks up where it left off: QUEUED jobs are (re)submitted, running ones are foll
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import httpx
@@ -40,12 +41,18 @@ def _follow(session: Session, cluster: Cluster, job: Job) -> None:
     assert job.ray_submission_id is not None
     status = cluster.status(job.ray_submission_id)
     if job.mlflow_run_id:
-        progress = {k: v for k, v in cluster.run_progress(job.mlflow_run_id).items() if k in PROGRESS_KEYS}
-        step = int(progress.get("step", job.step))
+        # NaN/inf become null: PostgreSQL's json type refuses NaN, and JobPublic.metrics documents null for them.
+        progress: dict[str, float | None] = {
+            k: v if math.isfinite(v) else None
+            for k, v in cluster.run_progress(job.mlflow_run_id).items()
+            if k in PROGRESS_KEYS
+        }
+        step = int(progress["step"]) if progress.get("step") is not None else job.step
         if step != job.step:
             crud.add_event(session, job.id, "progress", {"step": step, **progress})
         job.step, job.metrics = step, progress
-        job.recovery_count = int(progress.get("recovery_count", job.recovery_count))
+        recoveries = progress.get("recovery_count")
+        job.recovery_count = int(recoveries) if recoveries is not None else job.recovery_count
     if status.status == "RUNNING" and job.state == JobState.STARTING and job.step > 0:
         crud.set_state(session, job, JobState.RUNNING)
     if status.status not in RAY_TERMINAL:
