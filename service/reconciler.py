@@ -16,6 +16,7 @@ that it is FAILED ("the cluster lost the job"); a lost job that was being cancel
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -59,14 +60,15 @@ def _submit(session: Session, cluster: Cluster, job: Job) -> None:
     crud.set_state(session, job, JobState.STARTING, submission_id=job.ray_submission_id)
 
 
-def _started(session: Session, job: Job, progress: dict[str, float]) -> bool:
+def _started(session: Session, job: Job, progress: dict[str, float | None]) -> bool:
     """Whether the job's workers have started since its last (re)submission: the worker logs `step` and
     `recovery_count` to MLflow once its networks are built (step 0), then at every log step."""
     resubmits = crud.events_of_kind(session, job.id, "resubmit")
     if not resubmits:
         return "recovery_count" in progress or job.step > 0
     before = resubmits[-1].data
-    return progress.get("recovery_count", 0) > before.get("recovery_count", 0) or job.step > before.get("step", 0)
+    recoveries = progress.get("recovery_count") or 0
+    return recoveries > before.get("recovery_count", 0) or job.step > before.get("step", 0)
 
 
 def _finish(session: Session, cluster: Cluster, job: Job, state: JobState, reason: str | None) -> None:
@@ -111,14 +113,20 @@ def _follow(session: Session, cluster: Cluster, job: Job, limits: Limits) -> Non
     if crud.effective_config(session, job.id) is None and (effective := cluster.effective_config(job.id)):
         crud.add_event(session, job.id, "effective_config", effective)
         job.total_steps = int(effective.get("schedule", {}).get("steps", job.total_steps))
-    progress: dict[str, float] = {}
+    progress: dict[str, float | None] = {}
     if job.mlflow_run_id:
-        progress = {k: v for k, v in cluster.run_progress(job.mlflow_run_id).items() if k in PROGRESS_KEYS}
-        step = int(progress.get("step", job.step))
+        # NaN/inf become null: PostgreSQL's json type refuses NaN, and JobPublic.metrics documents null for them.
+        progress = {
+            k: v if math.isfinite(v) else None
+            for k, v in cluster.run_progress(job.mlflow_run_id).items()
+            if k in PROGRESS_KEYS
+        }
+        step = int(progress["step"]) if progress.get("step") is not None else job.step
         if step != job.step:
             crud.add_event(session, job.id, "progress", {"step": step, **progress})
         job.step, job.metrics = step, progress
-        job.recovery_count = int(progress.get("recovery_count", job.recovery_count))
+        recoveries = progress.get("recovery_count")
+        job.recovery_count = int(recoveries) if recoveries is not None else job.recovery_count
     if job.state == JobState.STARTING and status.status not in RAY_TERMINAL:
         if status.status == "RUNNING" and _started(session, job, progress):
             crud.set_state(session, job, JobState.RUNNING)

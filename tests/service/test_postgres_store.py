@@ -44,7 +44,15 @@ def app_on_postgres(postgres):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DATABASE_URL", postgres.url("rcm"))
-        for k, v in {"S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s", "RECONCILE_INTERVAL_S": "0.1"}.items():
+        # RATE_LIMIT_PER_S: _wait_state polls at ~20 requests/s, the default sustained rate; these tests are not
+        # about the rate limit (tests/service/test_rate_limits.py is).
+        settings = {
+            "S3_ACCESS_KEY": "k",
+            "S3_SECRET_KEY": "s",
+            "RECONCILE_INTERVAL_S": "0.1",
+            "RATE_LIMIT_PER_S": "1000",
+        }
+        for k, v in settings.items():
             mp.setenv(k, v)
         get_settings.cache_clear()
         from service.main import app
@@ -170,3 +178,21 @@ def test_restart_keeps_jobs_on_postgres(app_on_postgres, postgres):
         cluster.ray_status[f"rcm-{job['id']}"] = ClusterJobStatus("SUCCEEDED")
         assert _wait_state(client, token, job["id"], "SUCCEEDED")["step"] == 100
         assert job["id"] in [j["id"] for j in client.get("/v1/jobs", headers=_h(token)).json()["data"]]
+
+
+def test_non_finite_metrics_are_stored_as_null_on_postgres(app_on_postgres):
+    """Issue 15, finding 11: PostgreSQL's json type refuses NaN; a NaN/inf metric is stored and served as null."""
+    from service import crud
+
+    app, cluster = app_on_postgres
+    with TestClient(app) as client:
+        with app.state.sessionmaker() as s:
+            token = crud.create_token(s, "tenant-nan")
+        job = client.post("/v1/jobs", json=SPEC, headers=_h(token)).json()
+        _wait_state(client, token, job["id"], "STARTING")
+        cluster.progress[f"run-{job['id']}"] = {"step": 20.0, "loss": float("nan"), "scm_loss": float("-inf")}
+        cluster.ray_status[f"rcm-{job['id']}"] = ClusterJobStatus("RUNNING")
+        body = _wait_state(client, token, job["id"], "RUNNING")
+        assert body["step"] == 20 and body["metrics"] == {"step": 20.0, "loss": None, "scm_loss": None}
+        events = client.get(f"/v1/jobs/{job['id']}/events", headers=_h(token)).json()
+        assert {"step": 20, "loss": None, "scm_loss": None} in [e["data"] for e in events if e["kind"] == "progress"]
