@@ -175,7 +175,7 @@ def reconcile_once(session: Session, cluster: Cluster, limits: Limits = Limits()
             )
             continue
         if total >= limits.max_active_jobs:
-            break  # strict FIFO: nobody overtakes the oldest waiting job for a cluster-wide slot
+            continue  # strict FIFO: a freed slot goes to the oldest waiting job (later ones may still be cancelled)
         if per_tenant[job.tenant] >= limits.max_active_per_tenant:
             continue  # this tenant waits; later jobs of other tenants may start
         _guarded(session, job, lambda job=job: _submit(session, cluster, job))

@@ -26,7 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://127.0.0.1:8001"
-SPEC = {"name": "bench", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC = {"name": "bench", "teacher": {"uri": "builtin:toy2d"}, "schedule": {"steps": 100}}
 
 
 async def run_load(client: httpx.AsyncClient, method: str, path_fn, rate: float, seconds: float) -> list[float]:

@@ -20,7 +20,7 @@ RUN_ID = "5d41402abc4b2a76b9719d911017c592"  # an MLflow run id
 # What a user POSTs to /v1/jobs (the API fills in the defaults before the backend sees it).
 JOB_SPEC = {
     "name": "shapes-8gpu",
-    "teacher": {"uri": "s3://ckpt/teachers/shapes.safetensors", "guidance_scale": 3.0},
+    "teacher": {"uri": "s3://ckpt/tenants/team-a/shapes.safetensors", "guidance_scale": 3.0},
     "data": {"dataset": "shapes"},
     "resources": {
         "num_workers": 8,

@@ -15,7 +15,7 @@ from service.cluster import ClusterJobStatus
 from tests.service.fakes import FakeCluster
 from tests.service.postgres import PostgresServer
 
-SPEC = {"name": "pg", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC = {"name": "pg", "teacher": {"uri": "builtin:toy2d"}, "schedule": {"steps": 100}}  # valid for any tenant
 
 
 @pytest.fixture(scope="module")

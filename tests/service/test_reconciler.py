@@ -68,13 +68,13 @@ def test_admission_per_tenant_limit_does_not_hold_up_other_tenants(store):
 def test_cancel_of_a_queued_job_waiting_for_a_slot_ends_cancelled(store):
     session, cluster = store
     limits = Limits(max_active_jobs=1)
-    running, waiting = _jobs(session, "a", "b")
+    running, first, second = _jobs(session, "a", "b", "c")
     reconcile_once(session, cluster, limits)
-    crud.set_state(session, waiting, JobState.CANCELLING)
+    crud.set_state(session, second, JobState.CANCELLING)  # behind another waiting job
     session.commit()
     reconcile_once(session, cluster, limits)
-    assert _states(session, [running, waiting]) == ["STARTING", "CANCELLED"]
-    assert waiting.id not in cluster.submitted
+    assert _states(session, [running, first, second]) == ["STARTING", "QUEUED", "CANCELLED"]
+    assert cluster.submitted == [running.id]
 
 
 def _age_state(session, job, seconds):

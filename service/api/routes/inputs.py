@@ -18,7 +18,22 @@ NameParam = Annotated[str, Path(pattern=INPUT_NAME.pattern, description="file na
 SPOOL_BYTES = 8 * 2**20  # uploads larger than this are buffered on disk, not in memory
 
 
-@router.put("/{name}", status_code=status.HTTP_201_CREATED, response_model=InputPublic)
+# The body is read as a raw stream (never parsed or held in memory whole), so OpenAPI is told about it here.
+_RAW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.put(
+    "/{name}",
+    status_code=status.HTTP_201_CREATED,
+    response_model=InputPublic,
+    openapi_extra=_RAW_BODY,
+    responses={413: {"description": "the body is over MAX_INPUT_BYTES"}},
+)
 async def upload_input(name: NameParam, request: Request, tenant: TenantDep, cluster: ClusterDep) -> InputPublic:
     """Store the request body as this tenant's input `name` (replacing it); use the returned `uri` in a job."""
     settings = get_settings()
