@@ -122,7 +122,9 @@ def distill(cfg: DistillConfig, *, resume: bool = True, reporter: Reporter = _qu
     (out / "config.json").write_text(json.dumps({"config": config_to_dict(cfg), "teacher": meta}, indent=2) + "\n")
     extra = {"teacher_path": str(teacher_path) if teacher_path else None}
     store = _ReportingStore(out / "checkpoints", reporter, resume=resume, extra=extra)
-    trainer = Trainer(distiller, store, TrainHooks(log=lambda step, m: reporter("step", **m)))
+    # each `rcm distill` is a sitting with its own time budget (scripts/gpu/shapes_sweep.sh trains in sittings)
+    hooks = TrainHooks(log=lambda step, m: reporter("step", **m))
+    trainer = Trainer(distiller, store, hooks, budget_spans_resumes=False)
     trainer.resume()
     result = trainer.run()
     if result.status == "time_limit":

@@ -114,8 +114,22 @@ class _FiniteGuard:
 class Trainer:
     """Runs `distiller` to `distiller.config.train.steps` with checkpoints in `store` and the entry point's hooks."""
 
-    def __init__(self, distiller: Distiller, store: CheckpointStore, hooks: TrainHooks | None = None):
+    def __init__(
+        self,
+        distiller: Distiller,
+        store: CheckpointStore,
+        hooks: TrainHooks | None = None,
+        *,
+        budget_spans_resumes: bool = True,
+    ):
+        """
+        Args:
+            budget_spans_resumes: train.max_minutes counts the training time before the checkpoint resumed from
+                (a job's recoveries are one run); False: it counts this call only (a new sitting of a local run).
+                The manifests record the total either way.
+        """
         self.distiller, self.store, self.hooks = distiller, store, hooks or TrainHooks()
+        self.budget_spans_resumes = budget_spans_resumes
         self.trained_before = 0.0  # seconds of training before the checkpoint resumed from
         self.recovery_count = 0
         self._guard = _FiniteGuard()
@@ -141,9 +155,10 @@ class Trainer:
         def spent() -> float:
             return self.trained_before + time.perf_counter() - start
 
+        counted_before = self.trained_before if self.budget_spans_resumes else 0.0
         # a recovery after the budget was spent (e.g. a crash during the export) goes straight to the end
         status: Literal["completed", "time_limit", "cancelled"] = "completed"
-        if budget and hooks.agree(self.trained_before >= budget):
+        if budget and hooks.agree(counted_before >= budget):
             status = "time_limit"
         while d.step < cfg.steps and status == "completed":
             metrics = d.train_step()
@@ -172,7 +187,7 @@ class Trainer:
                 )
                 if hooks.agree(hooks.cancel_requested()):
                     status = "cancelled"
-                elif budget and hooks.agree(spent() >= budget):
+                elif budget and hooks.agree(counted_before + time.perf_counter() - start >= budget):
                     status = "time_limit"
             if hooks.evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and not last:
                 if status == "completed":  # a stopping run goes to its checkpoint (and export) instead

@@ -8,6 +8,7 @@ message. So does a run the workers stopped as non-finite (their reason is read b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -154,7 +155,9 @@ def main() -> int:
     except (ConfigError, storage.TeacherUnavailable, storage.PromptFileUnavailable) as exc:
         print(f"rcm-worker: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    storage.put_json(effective_spec(job), f"jobs/{job_id}/effective_config.json")
+    # what the job runs with, for the API (a trained built-in teacher shows as its cached S3 object)
+    effective = effective_spec(dataclasses.replace(job, teacher_uri=teacher_uri))
+    storage.put_json(effective, f"jobs/{job_id}/effective_config.json")
     from workers.launch import build_trainer
 
     print(

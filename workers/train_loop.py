@@ -50,7 +50,7 @@ class RayCheckpoints:
         checkpointing.report_checkpoint(app, metrics, job_id=self.job_id, step=int(metrics["step"]), extra=extra)
 
 
-def _build(job: JobConfig, teacher_uri: str) -> tuple[nn.Module, dict, Distiller, torch.device]:
+def _build(job: JobConfig) -> tuple[nn.Module, dict, Distiller, torch.device]:
     """Load the teacher and build the Distiller, sharded over the workers.
 
     Returns:
@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job_id = config["job_id"]
     workdir = Path(tempfile.mkdtemp(prefix=f"rcm-{job_id[:8]}-"))
     job = _fetch_inputs(config, workdir)
-    teacher_net, meta, distiller, device = _build(job, config["teacher_uri"])
+    teacher_net, meta, distiller, device = _build(job)
     rank0 = distributed.rank() == 0
     log = RunLogger(os.environ.get("RCM_MLFLOW_RUN_ID") if rank0 else None)
     hooks = TrainHooks(

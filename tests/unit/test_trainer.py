@@ -48,6 +48,11 @@ def test_cancel_and_time_budget_stop_at_a_log_step_with_a_checkpoint(tmp_path):
     spent = Trainer(_distiller("train.max_minutes=1e-9"), DirectoryStore(tmp_path / "t"))
     spent.resume()  # a recovery after the budget was spent trains no further
     assert spent.run().status == "time_limit" and spent.distiller.step == 1
+    sitting = Trainer(_distiller("train.max_minutes=1e-9"), DirectoryStore(tmp_path / "t"), budget_spans_resumes=False)
+    sitting.resume()  # a new sitting of a local run: its own budget, the manifest keeps the total
+    assert sitting.run().status == "time_limit" and sitting.distiller.step == 2
+    manifest = load_checkpoint(_distiller(), tmp_path / "t" / "step-2")
+    assert manifest["train_seconds"] > budget.train_seconds
 
 
 def _poison_after(distiller: Distiller, step: int, *, where: str) -> None:
