@@ -24,10 +24,6 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # FSDP: free each block's gathered weights after its forward (ZeRO-3)
 
     def __post_init__(self) -> None:
-        if self.activation_checkpoint == "selective" and self.mixed_precision != "none":
-            # NOTE: bf16 puts the fp32 adaLN linears in FSDP units nested inside each checkpointed block; their
-            # hooks issue different ops in forward and in recompute, which per-op checkpointing rejects.
-            raise ValueError("activation_checkpoint 'selective' needs mixed_precision 'none'; use 'full' with bfloat16")
         if self.cp_degree < 1 or (self.dp_shard_degree < 1 and self.dp_shard_degree != -1):
             raise ValueError(
                 f"cp_degree must be >= 1 and dp_shard_degree >= 1 or -1, got cp_degree={self.cp_degree}, "
