@@ -59,8 +59,15 @@ def dit_debug_uncond() -> DiTConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with (B, D) float32 modulation broadcast over tokens."""
-    return (x.to(scale.dtype) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+    """adaLN: x * (1 + scale) + shift, with (B, D) float32 modulation broadcast over tokens.
+
+    A bf16 x is promoted to float32 inside the multiply (the same values as an explicit cast, without writing
+    a float32 copy of x first).
+    """
+    dtype = x.dtype
+    if torch.promote_types(dtype, scale.dtype) != scale.dtype:  # e.g. float64 x, float32 modulation
+        x = x.to(scale.dtype)
+    return (x * (1 + scale[:, None]) + shift[:, None]).to(dtype)
 
 
 def norm_in_float32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

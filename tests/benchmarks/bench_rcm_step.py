@@ -175,9 +175,14 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def common_argv(args) -> list[str]:
+    """torchrun_rcm.py arguments shared by every run: checkpointing, precision, one critic and rollout step."""
+    argv = ["--activation-checkpoint", args.activation_checkpoint, "--critic-ratio", "1", "--max-rollout-steps", "1"]
+    return argv + (["--mixed-precision", args.mixed_precision] if args.mixed_precision else [])
+
+
 def bench_dit(name: str, args, trc, device: torch.device) -> dict:
-    argv = DITS[name] + ["--activation-checkpoint", args.activation_checkpoint, "--critic-ratio", "1",
-                         "--max-rollout-steps", "1"]  # fmt: skip
+    argv = DITS[name] + common_argv(args)
     targs = trc.parse_args(argv)
     distiller, cfg, pconfig = trc.build_distiller(targs, device)
     tokens = (cfg.image_size // cfg.patch_size) ** 2
@@ -240,9 +245,7 @@ def bench_dit(name: str, args, trc, device: torch.device) -> dict:
 
 
 def loss_trace(args, trc, device: torch.device) -> list[float]:
-    argv = (LOSS_DIT_TINY if args.tiny else LOSS_DIT) + [
-        "--activation-checkpoint", args.activation_checkpoint, "--critic-ratio", "1", "--max-rollout-steps", "1",
-        "--steps", str(args.loss_steps)]  # fmt: skip
+    argv = (LOSS_DIT_TINY if args.tiny else LOSS_DIT) + common_argv(args) + ["--steps", str(args.loss_steps)]
     distiller, _, _ = trc.build_distiller(trc.parse_args(argv), device)
     losses = [float(distiller.train_step()["loss"]) for _ in range(args.loss_steps)]
     del distiller
@@ -276,6 +279,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a 2-block width-64 DiT on 64 tokens (smoke check)")
     ap.add_argument("--dits", default="0.41B,1.42B", help=f"comma-separated, of {sorted(DITS)}")
     ap.add_argument("--activation-checkpoint", choices=["none", "full", "selective"], default="full")
+    ap.add_argument("--mixed-precision", choices=["none", "bfloat16"], default=None, help="default: bf16 on CUDA")
     ap.add_argument("--reps", type=int, default=5, help="timed calls of forward / JVP / fwd+bwd (median)")
     ap.add_argument("--steps", type=int, default=3, help="timed rCM steps (median), after one warm-up step")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of one forward and one JVP")
