@@ -90,11 +90,12 @@ def test_modulate_equals_the_explicit_float32_formula(dtype):
     x, x_t = (torch.randn(2, 5, 16, generator=g).to(dtype) for _ in range(2))
     shift, scale, shift_t, scale_t = (torch.randn(2, 16, generator=g) for _ in range(4))
     primals, tangents = (x, shift, scale), (x_t, shift_t, scale_t)
-    for got, ref in zip(torch.func.jvp(modulate, primals, tangents), torch.func.jvp(explicit, primals, tangents)):
+    pairs = zip(torch.func.jvp(modulate, primals, tangents), torch.func.jvp(explicit, primals, tangents), strict=True)
+    for got, ref in pairs:
         assert got.dtype == ref.dtype == dtype and torch.equal(got, ref)
     grads = []
     for fn in (modulate, explicit):
         leaves = [p.clone().requires_grad_() for p in primals]
         fn(*leaves).float().square().sum().backward()
         grads.append([leaf.grad for leaf in leaves])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
