@@ -277,7 +277,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/step_bench"))
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 2-block width-64 DiT on 64 tokens (smoke check)")
-    ap.add_argument("--dits", default="0.41B,1.42B", help=f"comma-separated, of {sorted(DITS)}")
+    ap.add_argument("--dits", default=None, help=f"comma-separated, of {sorted(DITS)} (default 0.41B,1.42B; tiny)")
     ap.add_argument("--activation-checkpoint", choices=["none", "full", "selective"], default="full")
     ap.add_argument("--mixed-precision", choices=["none", "bfloat16"], default=None, help="default: bf16 on CUDA")
     ap.add_argument("--reps", type=int, default=5, help="timed calls of forward / JVP / fwd+bwd (median)")
@@ -302,7 +302,8 @@ def main() -> None:
         header["triton"] = triton.__version__
     print(f"== {header}", flush=True)
     result: dict = {**header, "peak_tflops": PEAK_TFLOPS, "rows": []}
-    names = ["tiny"] if args.tiny else [n for n in args.dits.split(",") if n]
+    dits = args.dits if args.dits is not None else ("tiny" if args.tiny else "0.41B,1.42B")
+    names = [n for n in dits.split(",") if n]
     for name in names:
         try:
             result["rows"].append(bench_dit(name, args, trc, device))
