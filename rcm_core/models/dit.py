@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rcm_core.models.adaln import fused_adaln_enabled, layer_norm_modulate
 from rcm_core.models.attention import attention
 from rcm_core.models.embeddings import TimeEmbedding
 from rcm_core.models.linear import Linear
@@ -68,6 +69,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     if torch.promote_types(dtype, scale.dtype) != scale.dtype:  # e.g. float64 x, float32 modulation
         x = x.to(scale.dtype)
     return (x * (1 + scale[:, None]) + shift[:, None]).to(dtype)
+
+
+def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale); one fused op with RCM_FUSED_ADALN set (rcm_core.models.adaln)."""
+    if fused_adaln_enabled():
+        return layer_norm_modulate(norm, x, shift, scale)
+    return modulate(norm(x), shift, scale)
 
 
 def norm_in_float32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -147,13 +155,13 @@ class DiTBlock(nn.Module):
         return self.attention_output_and_mlp(x, o, gate1, shift2, scale2, gate2, context, context_mask)
 
     def attention_inputs(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-        return self.attn.project_qkv(modulate(self.norm1(x), shift, scale))
+        return self.attn.project_qkv(norm_modulate(self.norm1, x, shift, scale))
 
     def attention_output_and_mlp(self, x, o, gate1, shift2, scale2, gate2, context, context_mask) -> torch.Tensor:
         x = x + gate1[:, None].to(x.dtype) * self.attn.project_out(o)  # (B, L, D)
         if self.cross is not None and context is not None:
             x = x + self.cross(norm_in_float32(self.norm_cross, x), context, context_mask)
-        x = x + gate2[:, None].to(x.dtype) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate2[:, None].to(x.dtype) * self.mlp(norm_modulate(self.norm2, x, shift2, scale2))
         return x
 
 
@@ -167,7 +175,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             shift, scale = self.ada(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(norm_modulate(self.norm, x, shift, scale))
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
