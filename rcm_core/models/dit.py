@@ -4,6 +4,7 @@ cross-attention to condition tokens; float32 time path (rCM, arXiv 2510.08431, S
 Single-device code: no torch.distributed here. Parallelism is applied from outside (rcm_core.parallel) through
 three hooks that are identities on one device: `Attention.core_attention` (the self-attention op), and
 `DiT.shard_sequence` / `DiT.gather_sequence` (this rank's slice of the tokens, and the inverse).
+Linears are `rcm_core.models.linear.Linear` (nn.Linear with a one-GEMM jvp rule: sCM's JVP costs 2 linear passes).
 Activations follow the weights' dtype (bf16 under mixed precision); the output has the input's dtype.
 Legend: B batch, C channels, Hs x Ws image size, p patch size, L = (Hs/p)(Ws/p) tokens, D model width,
 H heads, Lc condition tokens, Dc condition width.
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rcm_core.models.adaln import fused_adaln_enabled, layer_norm_modulate
 from rcm_core.models.attention import attention
 from rcm_core.models.embeddings import TimeEmbedding
+from rcm_core.models.linear import Linear
 
 
 @dataclass(kw_only=True)
@@ -57,8 +60,22 @@ def dit_debug_uncond() -> DiTConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with (B, D) float32 modulation broadcast over tokens."""
-    return (x.to(scale.dtype) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+    """adaLN: x * (1 + scale) + shift, with (B, D) float32 modulation broadcast over tokens.
+
+    A bf16 x is promoted to float32 inside the multiply (the same values as an explicit cast, without writing
+    a float32 copy of x first).
+    """
+    dtype = x.dtype
+    if torch.promote_types(dtype, scale.dtype) != scale.dtype:  # e.g. float64 x, float32 modulation
+        x = x.to(scale.dtype)
+    return (x * (1 + scale[:, None]) + shift[:, None]).to(dtype)
+
+
+def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale); one fused op with RCM_FUSED_ADALN set (rcm_core.models.adaln)."""
+    if fused_adaln_enabled():
+        return layer_norm_modulate(norm, x, shift, scale)
+    return modulate(norm(x), shift, scale)
 
 
 def norm_in_float32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,26 +99,37 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, kv_dim: int | None = None, qk_norm: bool, backend: str):
         super().__init__()
         self.num_heads, self.backend = num_heads, backend
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(kv_dim or dim, 2 * dim)
         self.q_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         # (q, k, v, key_padding_mask) -> o; rcm_core.parallel.context_parallel swaps in Ulysses for self-attention
         self.core_attention: Callable[..., torch.Tensor] = functools.partial(attention, backend=backend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_padding_mask=None) -> torch.Tensor:
-        b, n, d = x.shape
+        q, k, v = self.project_qkv(x, context)
+        return self.project_out(self.core_attention(q, k, v, key_padding_mask))  # (B, Nq, D)
+
+    def project_qkv(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """(B, Nq, D) queries' and (B, Nk, Dc) keys' tokens -> q (B, H, Nq, Dh), k and v (B, H, Nk, Dh)."""
+        b, n, _ = x.shape
         ctx = x if context is None else context
         q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, Nq, Dh)
         kv = self.kv(ctx.to(self.kv.weight.dtype))  # (B, Nk, 2 D); condition tokens arrive in float32
         k, v = kv.view(b, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, Nk, Dh)
-        q, k = norm_in_float32(self.q_norm, q), norm_in_float32(self.k_norm, k)
-        o = self.core_attention(q, k, v, key_padding_mask)  # (B, H, Nq, Dh)
-        return self.proj(o.transpose(1, 2).reshape(b, n, d))
+        return norm_in_float32(self.q_norm, q), norm_in_float32(self.k_norm, k), v
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        b, h, n, dh = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, n, h * dh))  # (B, Nq, D)
 
 
 class DiTBlock(nn.Module):
+    """adaLN-zero block. The forward is three stages, so that checkpointing can wrap the two token-wise ones
+    (`attention_inputs`, `attention_output_and_mlp`) and keep the self-attention's output (and, under
+    torch.func.jvp, nothing at all) instead of recomputing it (rcm_core.parallel.activation_checkpoint)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.dim
@@ -115,17 +143,25 @@ class DiTBlock(nn.Module):
             )
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = int(d * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # shift/scale/gate for attention and MLP
+        self.mlp = nn.Sequential(Linear(d, hidden), nn.GELU(approximate="tanh"), Linear(hidden, d))
+        self.ada = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))  # shift/scale/gate for attention and MLP
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, context_mask=None) -> torch.Tensor:
         # Modulation stays float32: it is part of the time path.
         with torch.autocast(device_type=x.device.type, enabled=False):
             shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # 6 x (B, D)
-        x = x + gate1[:, None].to(x.dtype) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, L, D)
+        q, k, v = self.attention_inputs(x, shift1, scale1)  # (B, H, L, Dh)
+        o = self.attn.core_attention(q, k, v, None)  # (B, H, L, Dh)
+        return self.attention_output_and_mlp(x, o, gate1, shift2, scale2, gate2, context, context_mask)
+
+    def attention_inputs(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+        return self.attn.project_qkv(norm_modulate(self.norm1, x, shift, scale))
+
+    def attention_output_and_mlp(self, x, o, gate1, shift2, scale2, gate2, context, context_mask) -> torch.Tensor:
+        x = x + gate1[:, None].to(x.dtype) * self.attn.project_out(o)  # (B, L, D)
         if self.cross is not None and context is not None:
             x = x + self.cross(norm_in_float32(self.norm_cross, x), context, context_mask)
-        x = x + gate2[:, None].to(x.dtype) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate2[:, None].to(x.dtype) * self.mlp(norm_modulate(self.norm2, x, shift2, scale2))
         return x
 
 
@@ -133,13 +169,13 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, out_dim)
+        self.ada = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             shift, scale = self.ada(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(norm_modulate(self.norm, x, shift, scale))
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -162,7 +198,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.dim
         self.grid = cfg.image_size // p
-        self.patch_embed = nn.Linear(cfg.in_channels * p * p, d)
+        self.patch_embed = Linear(cfg.in_channels * p * p, d)
         self.register_buffer("pos_embed", sincos_pos_embed(d, self.grid), persistent=False)
         self.time_embed = TimeEmbedding(d, time_dtype=time_dtype)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from rcm_core.models.linear import Linear
+
 
 def sinusoidal_features(t: torch.Tensor, dim: int, *, scale: float = 1000.0, max_period: float = 10000.0):
     """(B,) -> (B, dim): [cos(scale * t * f_k), sin(scale * t * f_k)], f_k geometric in [1/max_period, 1]."""
@@ -30,7 +32,7 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_dtype = time_dtype
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=t.device.type, enabled=False):

@@ -1,18 +1,22 @@
 """Activation checkpointing of the DiT blocks: none, full (recompute the whole block), or selective.
 
-Selective (per-op, `torch.utils.checkpoint.create_selective_checkpoint_contexts`): the outputs of matmuls
-and of PyTorch's attention ops are saved, everything else (norms, adaLN modulation, GELU, residual adds,
-reshapes, the Ulysses all-to-alls) is recomputed in backward. That keeps the O(L D^2) and O(L^2 D) work out
-of the recompute while dropping the many elementwise activations; recomputed all-to-alls re-run in the
-same order on every rank, so they cannot deadlock.
+Full: each block's forward is checkpointed; backward recomputes all of it, self-attention included.
+
+Selective: the self-attention is not checkpointed at all (the fused kernel keeps q, k, v, o and the LSE for
+its backward, so it is never recomputed), and the two token-wise stages around it, `DiTBlock.attention_inputs`
+(norm, modulation, q/k/v projections, q/k RMSNorm) and `DiTBlock.attention_output_and_mlp` (output
+projection, gated residual, cross-attention, norm, modulation, MLP), are checkpointed per op
+(`torch.utils.checkpoint.create_selective_checkpoint_contexts`): matmul outputs (and PyTorch's attention ops, on
+the math/SDPA paths) are saved, everything else (norms, adaLN modulation, GELU, residual adds, casts) is
+recomputed in backward. The adaLN linears, which are FSDP units of their own under bf16 mixed precision
+(fsdp.py), run outside both stages, so the recompute replays exactly the forward's ops (per-op
+checkpointing rejects anything else). Under Ulysses context parallelism the all-to-alls sit in the
+self-attention, outside the checkpointed stages, and are not re-run either.
 
 Checkpointing applies only where a graph is built: forwards under no_grad (teacher, rollouts, and sCM's
 torch.func.jvp of the student, which runs under no_grad) call the block directly, as nothing is saved there.
-
-Known limits: the fused Triton attention is not a dispatcher op, so the selective policy cannot see it; on GPU
-it is recomputed like the elementwise ops (the math and SDPA attention paths are saved). Selective needs
-mixed precision off: under bf16 the fp32 adaLN linears are FSDP units nested in the block, whose hooks run
-different ops in forward and in recompute, which per-op checkpointing rejects (full checkpointing works).
+The cross-attention (64 condition tokens) runs inside the second stage; its fused kernel is not a dispatcher
+op, so it is recomputed with the elementwise work (cheap: its cost is linear in the image tokens).
 """
 
 from __future__ import annotations
@@ -65,7 +69,11 @@ def apply_activation_checkpointing(model: DiT, policy: str) -> None:
         return
     if policy not in ("full", "selective"):
         raise ValueError(f"activation_checkpoint must be none, full or selective, got {policy!r}")
-    context_fn = _selective_contexts if policy == "selective" else noop_context_fn
     for block in model.blocks:
-        # NOTE: an instance attribute, not a wrapper module: FQNs (and so checkpoints) match the plain DiT.
-        block.forward = functools.partial(_checkpointed_forward, block.forward, context_fn)
+        # NOTE: instance attributes, not wrapper modules: FQNs (and so checkpoints) match the plain DiT.
+        if policy == "full":
+            block.forward = functools.partial(_checkpointed_forward, block.forward, noop_context_fn)
+        else:
+            for stage in ("attention_inputs", "attention_output_and_mlp"):
+                forward = functools.partial(_checkpointed_forward, getattr(block, stage), _selective_contexts)
+                setattr(block, stage, forward)

@@ -13,8 +13,8 @@ Mixed precision (GPU): blocks gather bf16 weights and compute in bf16; gradients
 master weights. The time path (the time embedding and every adaLN modulation linear) gets FSDP units of its
 own with fp32 weights: rCM's finite difference in t (step 1e-4) needs float32 (rCM, arXiv 2510.08431,
 Sec. 4). Inputs are not cast by FSDP (the time must stay float32/float64); the DiT casts activations to its
-weights' dtype itself. Those nested units are why selective checkpointing is refused with bf16
-(parallel_dims.py).
+weights' dtype itself. Selective checkpointing leaves those nested units outside its checkpointed stages
+(activation_checkpoint.py).
 """
 
 from __future__ import annotations

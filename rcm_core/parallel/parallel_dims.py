@@ -25,12 +25,6 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # FSDP: free each block's gathered weights after its forward (ZeRO-3)
 
     def __post_init__(self) -> None:
-        if self.activation_checkpointing == "selective" and self.mixed_precision != "none":
-            # NOTE: bf16 puts the fp32 adaLN linears in FSDP units nested inside each checkpointed block; their
-            # hooks issue different ops in forward and in recompute, which per-op checkpointing rejects.
-            raise ValueError(
-                "activation_checkpointing 'selective' needs mixed_precision 'none'; use 'full' with bfloat16"
-            )
         if self.cp_degree < 1 or (self.fsdp_degree < 1 and self.fsdp_degree != -1):
             raise ValueError(
                 f"cp_degree must be >= 1 and fsdp_degree >= 1 or -1, got cp_degree={self.cp_degree}, "

@@ -41,8 +41,3 @@ def test_unknown_checkpoint_policy_is_rejected():
 
     with pytest.raises(ValueError, match="none, full or selective"):
         apply_activation_checkpointing(DiT(dit_debug()), "sometimes")
-
-
-def test_selective_checkpointing_needs_full_precision():
-    with pytest.raises(ValueError, match="'selective' needs mixed_precision 'none'"):
-        ParallelConfig(activation_checkpointing="selective", mixed_precision="bfloat16")

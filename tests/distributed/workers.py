@@ -183,11 +183,11 @@ def run_rcm_steps(
 
 
 def run_mixed_precision(rank: int, world: int, out_path: str) -> None:
-    """bf16 FSDP mixed precision with context parallelism, without and with full checkpointing: the dtypes on the
-    time path and in the blocks, and two steps' metrics and student gradients."""
+    """bf16 FSDP mixed precision with context parallelism, without checkpointing, with full and with selective
+    checkpointing: the dtypes on the time path and in the blocks, and two steps' metrics and student gradients."""
     torch.use_deterministic_algorithms(True)
     result = {}
-    for checkpointing in ("none", "full"):
+    for checkpointing in ("none", "full", "selective"):
         config = ParallelConfig(cp_degree=world, activation_checkpointing=checkpointing, mixed_precision="bfloat16")
         d = _parallel_distiller(world, 1, world, config, "cpu")
         dtypes: dict[str, torch.dtype] = {}

@@ -207,9 +207,13 @@ def test_attention_jvp_is_differentiable_through_o(gen):
 # -- forward-mode AD through the autograd op ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "RCM_ATTN_FUSED_JVP=0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_func_jvp_runs_tangent_kernel(gen, monkeypatch, dtype):
-    """torch.func.jvp through a function calling `attention`: primal kernel, then the LSE-reusing tangent kernel."""
+def test_func_jvp_runs_fused_or_tangent_kernel(gen, monkeypatch, dtype, fused):
+    """torch.func.jvp through a function calling `attention`: one fused forward+JVP launch on the tangents read
+    off the dual inputs; with RCM_ATTN_FUSED_JVP=0 the primal kernel, then the LSE-reusing tangent kernel."""
+    if not fused:
+        monkeypatch.setenv("RCM_ATTN_FUSED_JVP", "0")
     modes = []
     launch = kernel_module._launch_fwd
 
@@ -226,7 +230,7 @@ def test_func_jvp_runs_tangent_kernel(gen, monkeypatch, dtype):
 
     with torch.no_grad():
         out, out_t = torch.func.jvp(layer, (q, k, v), (q_t, k_t, v_t))
-    assert modes == [kernel_module.MODE_PRIMAL, kernel_module.MODE_TANGENT]
+    assert modes == ([kernel_module.MODE_FUSED] if fused else [kernel_module.MODE_PRIMAL, kernel_module.MODE_TANGENT])
     ref_o, ref_o_t = attention_jvp_ref(q @ proj, k, v, q_t @ proj, k_t, v_t)
     same_o, same_o_t = attention_jvp_ref(q @ proj, k, v, q_t @ proj, k_t, v_t, upcast=False)
     check("out", out, same_o @ proj, ref_o @ proj.double())

@@ -55,3 +55,24 @@ def test_gradients_through_dit_with_fused_kernel_match_math_path():
     for (name, pm), pf in zip(math_model.named_parameters(), fused_model.parameters(), strict=True):
         if pm.grad is not None and pm.grad.norm() > 0:
             assert _rel(pf.grad, pm.grad) < 1e-3, name
+
+
+def test_compiled_fused_adaln_on_gpu_matches_unfused(monkeypatch):
+    """RCM_FUSED_ADALN=compile on CUDA (Inductor kernels for the adaLN rules) against the unfused path, float32:
+    JVP output, tangent and gradients."""
+    import pytest
+
+    if DEVICE != "cuda":
+        pytest.skip("torch.compile of the adaLN rules runs on CUDA only (the CPU test is tests/unit/test_adaln.py)")
+    _, model = _pair()
+    x, v, t, cond = _inputs()
+    results = {}
+    for mode in ("0", "compile"):
+        monkeypatch.setenv("RCM_FUSED_ADALN", mode)
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            f, df = torch.func.jvp(lambda xx, ti: model(xx, ti, cond), (x, t), (v, torch.ones_like(t)))
+        model(x, t, cond).square().mean().backward()
+        results[mode] = [f, df, *(p.grad for p in model.parameters() if p.grad is not None and p.grad.norm() > 0)]
+    for got, ref in zip(results["compile"], results["0"], strict=True):
+        assert _rel(got, ref) < 1e-4

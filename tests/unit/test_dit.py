@@ -76,3 +76,26 @@ def test_time_path_stays_float32_under_autocast():
 def test_math_attention_matches_sdpa():
     q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
     torch.testing.assert_close(attention_math(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_modulate_equals_the_explicit_float32_formula(dtype):
+    """modulate lets the multiply promote x instead of casting it first: same values, tangents and gradients."""
+    from rcm_core.models.dit import modulate
+
+    def explicit(x, shift, scale):  # the formula as first written: cast x, then compute in float32
+        return (x.to(scale.dtype) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+
+    g = torch.Generator().manual_seed(0)
+    x, x_t = (torch.randn(2, 5, 16, generator=g).to(dtype) for _ in range(2))
+    shift, scale, shift_t, scale_t = (torch.randn(2, 16, generator=g) for _ in range(4))
+    primals, tangents = (x, shift, scale), (x_t, shift_t, scale_t)
+    pairs = zip(torch.func.jvp(modulate, primals, tangents), torch.func.jvp(explicit, primals, tangents), strict=True)
+    for got, ref in pairs:
+        assert got.dtype == ref.dtype == dtype and torch.equal(got, ref)
+    grads = []
+    for fn in (modulate, explicit):
+        leaves = [p.clone().requires_grad_() for p in primals]
+        fn(*leaves).float().square().sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
