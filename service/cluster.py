@@ -7,6 +7,8 @@ control plane needs neither ray nor torch installed.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +39,15 @@ def public_failure(message: str | None) -> str | None:
 class ClusterJobStatus:
     status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED (Ray's job states), or LOST
     message: str | None = None
+
+
+@contextmanager
+def _s3_errors() -> Iterator[None]:
+    """Object storage not answering (connection refused/timed out, 5xx/403) as ClusterUnavailable."""
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
 
 class ClusterUnavailable(Exception):
@@ -171,20 +182,16 @@ class RayCluster:
     # -- S3 ------------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
         """Raises ClusterUnavailable when object storage does not answer."""
-        try:
+        with _s3_errors():
             self.s3.put_object(Bucket=self.settings.CHECKPOINT_BUCKET, Key=cancel_marker_key(job_id), Body=b"cancel")
-        except (BotoCoreError, ClientError) as exc:
-            raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         """Complete checkpoints, oldest first: a manifest.json that lists the checkpoint's files, each present at
         its listed size (the worker writes the manifest only after checking that itself: workers/checkpointing.py;
         an older manifest without a file list, or a shard gone missing since, is not trusted). Raises
         ClusterUnavailable when object storage does not answer."""
-        try:
+        with _s3_errors():
             return self._checkpoints(job_id)
-        except (BotoCoreError, ClientError) as exc:  # connection refused/timed out, or S3 answering 5xx/403
-            raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
     def _checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         bucket, prefix = self.settings.CHECKPOINT_BUCKET, checkpoint_prefix(job_id)
@@ -203,17 +210,21 @@ class RayCluster:
                 out.append({"step": step, "uri": f"s3://{bucket}/{folder.rstrip('/')}"})
         return sorted(out, key=lambda c: c["step"])
 
+    # Tenant inputs (service/api/routes/inputs.py): S3 errors become ClusterUnavailable (503), never a 500.
     def put_input(self, bucket: str, key: str, body: Any) -> None:
-        self.s3.upload_fileobj(body, bucket, key)
+        with _s3_errors():
+            self.s3.upload_fileobj(body, bucket, key)
 
     def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
         out = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out += [{"key": o["Key"], "size": int(o["Size"])} for o in page.get("Contents", [])]
+        with _s3_errors():
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                out += [{"key": o["Key"], "size": int(o["Size"])} for o in page.get("Contents", [])]
         return out
 
     def delete_input(self, bucket: str, key: str) -> None:
-        self.s3.delete_object(Bucket=bucket, Key=key)
+        with _s3_errors():
+            self.s3.delete_object(Bucket=bucket, Key=key)
 
     def effective_config(self, job_id: str) -> dict[str, Any] | None:
         """The settings the worker resolved for the job (written before training starts), None before that."""

@@ -319,6 +319,8 @@ NOT_DEPLOYED = {
     "LOCAL_RANK": "set by torchrun for scripts/torchrun_rcm.py",
     "TRITON_INTERPRET": "CPU-only test runs (tests/conftest.py)",
     "RCM_ATTN_SM90": "an escape hatch: unset, Hopper GPUs run the Gluon attention kernel (rcm_core/kernels)",
+    "RCM_ATTN_FUSED_JVP": "an escape hatch: unset, attention under forward-mode AD runs the fused forward+JVP kernel",
+    "RCM_FUSED_ADALN": "opt-in, off by default until measured on a GPU (rcm_core/models/adaln.py)",
     "RCM_PROMPT_DIR": "optional on Ray nodes: unset, prompt files must be s3:// URIs (workers/storage.py)",
 }
 # Settings fields that only one backend reads.

@@ -334,7 +334,7 @@ def test_builtin_teacher_is_trained_once_and_shared(stack, monkeypatch):
     from workers.spec import job_config
 
     creds = dict(line.split("=", 1) for line in (stack["data"] / "stack.env").read_text().split())
-    monkeypatch.setenv("RCM_S3_ENDPOINT_URL", "http://127.0.0.1:8333")
+    monkeypatch.setenv("RCM_S3_ENDPOINT_URL", stack["stack"].s3_url)  # this stack's own (free) port
     monkeypatch.setenv("RCM_CHECKPOINT_BUCKET", "ckpt")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["S3_ACCESS_KEY"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["S3_SECRET_KEY"])

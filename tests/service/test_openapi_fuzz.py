@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.service.live_api import LiveApi
+from tests.service.live_api import LiveApi, teacher_uri
 
 CHECKS = [
     not_a_server_error,
@@ -33,7 +33,7 @@ CHECKS = [
     response_schema_conformance,
 ]
 EXAMPLES = 60  # per operation and mode
-SPEC = {"name": "fuzz", "teacher": {"uri": "s3://ckpt/teachers/t.safetensors"}, "schedule": {"steps": 100}}
+SPEC = {"name": "fuzz", "teacher": {"uri": teacher_uri("a")}, "schedule": {"steps": 100}}
 
 
 @pytest.fixture(scope="module")

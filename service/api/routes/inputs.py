@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, status
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import ClusterDep, TenantDep
+from service.api.errors import error_responses
 from service.inputs import INPUT_NAME, input_key, input_prefix_uri
 from service.schemas import InputPublic
 from service.settings import get_settings
@@ -32,7 +33,7 @@ _RAW_BODY = {
     status_code=status.HTTP_201_CREATED,
     response_model=InputPublic,
     openapi_extra=_RAW_BODY,
-    responses={413: {"description": "the body is over MAX_INPUT_BYTES"}},
+    responses={**error_responses(401, 429, 503), 413: {"description": "the body is over MAX_INPUT_BYTES"}},
 )
 async def upload_input(name: NameParam, request: Request, tenant: TenantDep, cluster: ClusterDep) -> InputPublic:
     """Store the request body as this tenant's input `name` (replacing it); use the returned `uri` in a job."""
@@ -50,7 +51,7 @@ async def upload_input(name: NameParam, request: Request, tenant: TenantDep, clu
     return InputPublic(name=name, uri=f"s3://{settings.INPUTS_BUCKET}/{key}", size=size)
 
 
-@router.get("", response_model=list[InputPublic])
+@router.get("", response_model=list[InputPublic], responses=error_responses(401, 429, 503))
 def read_inputs(tenant: TenantDep, cluster: ClusterDep) -> list[InputPublic]:
     """This tenant's input files."""
     settings = get_settings()
@@ -62,7 +63,7 @@ def read_inputs(tenant: TenantDep, cluster: ClusterDep) -> list[InputPublic]:
     ]
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 429, 503))
 def delete_input(name: NameParam, tenant: TenantDep, cluster: ClusterDep) -> None:
     """Delete this tenant's input `name` (jobs already running keep their own copy)."""
     settings = get_settings()
