@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import boto3
 import pytest
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ def env(s3, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["S3_ACCESS_KEY"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["S3_SECRET_KEY"])
     monkeypatch.setenv("RCM_CHECKPOINT_BUCKET", "ckpt")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 caches the first credentials a process resolves
     for page in client.get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix=checkpointing.run_prefix(JOB)):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket="ckpt", Key=obj["Key"])

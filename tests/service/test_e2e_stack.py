@@ -13,6 +13,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
@@ -338,6 +339,9 @@ def test_builtin_teacher_is_trained_once_and_shared(stack, monkeypatch):
     monkeypatch.setenv("RCM_CHECKPOINT_BUCKET", "ckpt")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["S3_ACCESS_KEY"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["S3_SECRET_KEY"])
+    # boto3's default session caches the first credentials it resolves in a process: an earlier test that ran the
+    # worker's S3 code against another SeaweedFS would leave its keys there (InvalidAccessKeyId here).
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
     def resolve(train_steps):
         spec = {"teacher": {"uri": "builtin:toy2d", "train_steps": train_steps}, "schedule": {"seed": 7}}
