@@ -24,6 +24,7 @@ from rcm_core.models.adaln import fused_adaln_enabled, layer_norm_modulate
 from rcm_core.models.attention import attention
 from rcm_core.models.embeddings import TimeEmbedding
 from rcm_core.models.linear import Linear
+from rcm_core.models.token_net import TokenNet, check_ulysses
 
 
 @dataclass(kw_only=True)
@@ -190,11 +191,11 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat(out, dim=1).float()
 
 
-class DiT(nn.Module):
+class DiT(TokenNet):
     """net(x, time, cond) -> (B, C, Hs, Ws); cond is None or {"tokens": (B, Lc, Dc), "mask": (B, Lc) bool}."""
 
     def __init__(self, cfg: DiTConfig, *, time_dtype: torch.dtype = torch.float32):
-        super().__init__()
+        super().__init__()  # TokenNet: shard_sequence / gather_sequence start as identities
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.dim
         self.grid = cfg.image_size // p
@@ -203,10 +204,22 @@ class DiT(nn.Module):
         self.time_embed = TimeEmbedding(d, time_dtype=time_dtype)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(d, cfg.in_channels * p * p)
-        # (tensor, seq dim) -> this rank's tokens / all tokens; rcm_core.parallel sets them for context parallelism
-        self.shard_sequence: Callable[[torch.Tensor, int], torch.Tensor] = _whole_sequence
-        self.gather_sequence: Callable[[torch.Tensor, int], torch.Tensor] = _whole_sequence
         self.init_weights()
+
+    # -- TokenNet (rcm_core.models.token_net) ---------------------------------------------------------
+    def self_attentions(self) -> list:
+        return [block.attn for block in self.blocks]
+
+    def time_path_modules(self) -> list[nn.Module]:
+        return [self.time_embed, *(block.ada for block in self.blocks), self.final.ada]
+
+    def output_modules(self) -> list[nn.Module]:
+        return [self.final]
+
+    def check_context_parallel(self, cp_degree: int, num_tokens: int | None = None) -> None:
+        c = self.cfg
+        tokens = (c.image_size // c.patch_size) ** 2
+        check_ulysses(c.num_heads, cp_degree, tokens, f"(image_size {c.image_size} / patch_size {c.patch_size})^2")
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -241,10 +254,6 @@ class DiT(nn.Module):
             h = block(h, c, context, mask)
         out = self.gather_sequence(self.final(h, c), 1).to(x.dtype)  # (B, L, C p p)
         return out.reshape(b, g, g, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, hs, ws)
-
-
-def _whole_sequence(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x
 
 
 def num_params(model: nn.Module) -> int:

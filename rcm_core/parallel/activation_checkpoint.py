@@ -31,7 +31,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from rcm_core.models.dit import DiT
+from rcm_core.models.token_net import TokenNet
 
 aten = torch.ops.aten
 _SAVED_OPS = {
@@ -59,7 +59,7 @@ def _checkpointed_forward(forward, context_fn, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def apply_activation_checkpointing(model: DiT, policy: str) -> None:
+def apply_activation_checkpointing(model: TokenNet, policy: str) -> None:
     """Wrap each block's forward in a checkpoint (in place; module names and state dict keys are unchanged).
 
     Args:
@@ -74,6 +74,6 @@ def apply_activation_checkpointing(model: DiT, policy: str) -> None:
         if policy == "full":
             block.forward = functools.partial(_checkpointed_forward, block.forward, noop_context_fn)
         else:
-            for stage in ("attention_inputs", "attention_output_and_mlp"):
+            for stage in model.checkpoint_stages:
                 forward = functools.partial(_checkpointed_forward, getattr(block, stage), _selective_contexts)
                 setattr(block, stage, forward)

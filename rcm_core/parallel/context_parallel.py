@@ -1,4 +1,5 @@
-"""Ulysses context parallelism for the DiT (DeepSpeed-Ulysses, Jacobs et al., arXiv 2309.14509), tangents included.
+"""Ulysses context parallelism for a TokenNet (the DiT, the diffusers families), tangents included
+(DeepSpeed-Ulysses, Jacobs et al., arXiv 2309.14509).
 
 The tokens of each sample, (B, L, D), are split along L across the cp ranks from the patch embedding on:
 every per-token layer (norms, adaLN modulation, MLP, cross-attention queries) runs on L/cp tokens. Only
@@ -28,23 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from rcm_core.models.dit import DiT, DiTConfig
+from rcm_core.models.token_net import TokenNet
 from rcm_core.parallel.collectives import all_gather, all_to_all, shard
-
-
-def check_context_parallel(cfg: DiTConfig, cp_degree: int) -> None:
-    """Raise ValueError, naming the sizes, when the DiT cannot be split cp_degree ways."""
-    num_tokens = (cfg.image_size // cfg.patch_size) ** 2
-    if cfg.num_heads % cp_degree:
-        raise ValueError(
-            f"context parallel: num_heads ({cfg.num_heads}) is not divisible by cp_degree ({cp_degree}); "
-            "Ulysses gives every rank num_heads / cp_degree whole heads"
-        )
-    if num_tokens % cp_degree:
-        raise ValueError(
-            f"context parallel: the {num_tokens} tokens ((image_size {cfg.image_size} / patch_size "
-            f"{cfg.patch_size})^2) are not divisible by cp_degree ({cp_degree})"
-        )
 
 
 class UlyssesAttention:
@@ -63,15 +49,15 @@ class UlyssesAttention:
         return all_to_all(o, scatter_dim=2, gather_dim=1, group=self.group)  # (B, H, L/cp, Dh)
 
 
-def apply_context_parallel(model: DiT, cp_group: dist.ProcessGroup) -> None:
-    """Shard the DiT's tokens across cp_group and route its self-attention through Ulysses (in place).
+def apply_context_parallel(model: TokenNet, cp_group: dist.ProcessGroup) -> None:
+    """Shard the net's tokens across cp_group and route its self-attention through Ulysses (in place).
 
     Args:
-        model: a DiT, not yet wrapped by activation checkpointing or FSDP.
+        model: a TokenNet, not yet wrapped by activation checkpointing or FSDP.
         cp_group: the ranks that share each sample.
     """
-    check_context_parallel(model.cfg, dist.get_world_size(cp_group))
+    model.check_context_parallel(dist.get_world_size(cp_group))
     model.shard_sequence = functools.partial(shard, group=cp_group)
     model.gather_sequence = functools.partial(all_gather, group=cp_group)
-    for block in model.blocks:
-        block.attn.core_attention = UlyssesAttention(block.attn.core_attention, cp_group)
+    for attn in model.self_attentions():
+        attn.core_attention = UlyssesAttention(attn.core_attention, cp_group)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from rcm_core.models.dit import DiT
+from rcm_core.models.token_net import TokenNet
 from rcm_core.parallel.collectives import all_gather, shard
 
 
@@ -62,9 +62,10 @@ def apply_batch_sharding(model: nn.Module, dp_group: dist.ProcessGroup) -> None:
 
 
 def apply_fsdp(
-    model: DiT, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True
+    model: TokenNet, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True
 ) -> None:
-    """Shard the DiT with FSDP2: the time path, each block, the final layer, then the root.
+    """Shard a TokenNet (the DiT, a diffusers family) with FSDP2: the time path, each block, the output
+    modules, then the root (whatever is left: patch embedding, text projection, ...).
 
     Args:
         mesh: 1-D mesh over every rank.
@@ -84,12 +85,13 @@ def apply_fsdp(
     if param_dtype is not None:
         # Own units for the time path, so their weights are gathered (and used) in float32.
         time_mp = MixedPrecisionPolicy(param_dtype=fp32, reduce_dtype=fp32, cast_forward_inputs=False)
-        for module in (model.time_embed, *(block.ada for block in model.blocks), model.final.ada):
+        for module in model.time_path_modules():
             fully_shard(module, mesh=mesh, mp_policy=time_mp, reshard_after_forward=reshard_after_forward)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    # The final layer runs last in forward and first in backward: keeping it gathered saves one all-gather.
-    fully_shard(model.final, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    # The output layers run last in forward and first in backward: keeping them gathered saves an all-gather.
+    for module in model.output_modules():
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     sum_gradients(model)
 
@@ -113,17 +115,17 @@ def apply_fsdp_to_tree(
 
     Args: as for `apply_fsdp`.
     """
-    if isinstance(model, DiT):
+    if isinstance(model, TokenNet):
         apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
         return
     if mesh.size() == 1:
         reshard_after_forward = False  # as in apply_fsdp: nothing to free on one rank
-    for dit in [m for m in model.modules() if isinstance(m, DiT)]:
+    for dit in [m for m in model.modules() if isinstance(m, TokenNet)]:
         apply_fsdp(dit, mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
     reduce_dtype = None if param_dtype is None else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for child in model.children():
-        holds_dit = any(isinstance(m, DiT) for m in child.modules())
+        holds_dit = any(isinstance(m, TokenNet) for m in child.modules())
         if not holds_dit and any(True for _ in child.parameters()):
             # an encoder: gathered once per forward, freed after it (its output does not depend on x or t)
             fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

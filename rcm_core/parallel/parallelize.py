@@ -17,19 +17,21 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from rcm_core.models.dit import DiT, DiTConfig
+from rcm_core.models.token_net import TokenNet
 from rcm_core.parallel.activation_checkpoint import apply_activation_checkpointing
-from rcm_core.parallel.context_parallel import apply_context_parallel, check_context_parallel
+from rcm_core.parallel.context_parallel import apply_context_parallel
 from rcm_core.parallel.fsdp import apply_batch_sharding, apply_fsdp, apply_fsdp_to_tree
 from rcm_core.parallel.parallel_dims import ParallelConfig, ParallelDims
 
 _PARAM_DTYPES = {"none": None, "bfloat16": torch.bfloat16}
 
 
-def parallelize_dit(model: DiT, *, parallel_dims: ParallelDims, config: ParallelConfig) -> DiT:
+def parallelize_dit(model: TokenNet, *, parallel_dims: ParallelDims, config: ParallelConfig) -> TokenNet:
     """Apply, in place and in this order, batch sharding and context parallelism, checkpointing, FSDP2.
 
     Args:
-        model: a plain DiT (any device, `meta` included); parallel_dims must have built its mesh.
+        model: a plain TokenNet, e.g. a DiT or a diffusers family's net (any device, `meta` included);
+            parallel_dims must have built its mesh.
         config: activation checkpointing policy, mixed precision, resharding.
     Returns:
         The same module; an FSDPModule when more than one rank takes part or mixed precision is on.
@@ -55,9 +57,10 @@ def parallelize_dit(model: DiT, *, parallel_dims: ParallelDims, config: Parallel
     return model
 
 
-def dits_in(model: nn.Module) -> list[DiT]:
-    """The DiTs of a network tree (the model itself when it is one), outermost first."""
-    return [m for m in model.modules() if isinstance(m, DiT)]
+def dits_in(model: nn.Module) -> list[TokenNet]:
+    """The TokenNets (DiTs, diffusers family nets) of a network tree (the model itself when it is one), outermost
+    first."""
+    return [m for m in model.modules() if isinstance(m, TokenNet)]
 
 
 def check_parallelizable(model: nn.Module, config: ParallelConfig, cp_degree: int) -> None:
@@ -76,7 +79,7 @@ def check_parallelizable(model: nn.Module, config: ParallelConfig, cp_degree: in
                 raise ValueError(f"resources.{name}={value!r} needs a DiT in the network, got {type(model).__name__}")
     for dit in dits:
         if cp_degree > 1:
-            check_context_parallel(dit.cfg, cp_degree)
+            dit.check_context_parallel(cp_degree)
 
 
 def parallelize_net(model: nn.Module, *, parallel_dims: ParallelDims, config: ParallelConfig) -> nn.Module:
@@ -86,7 +89,7 @@ def parallelize_net(model: nn.Module, *, parallel_dims: ParallelDims, config: Pa
     context parallelism and checkpointing act on each DiT's blocks; FSDP2 shards each DiT per block, each
     encoder as one unit, then the root.
     """
-    if isinstance(model, DiT):
+    if isinstance(model, TokenNet):
         return parallelize_dit(model, parallel_dims=parallel_dims, config=config)
     check_parallelizable(model, config, parallel_dims.cp_degree)
     dits = dits_in(model)

@@ -2,9 +2,8 @@
 
 import pytest
 
-from rcm_core.models.dit import DiTConfig, dit_debug
+from rcm_core.models.dit import DiT, DiTConfig, dit_debug
 from rcm_core.parallel.activation_checkpoint import apply_activation_checkpointing
-from rcm_core.parallel.context_parallel import check_context_parallel
 from rcm_core.parallel.parallel_dims import ParallelConfig, ParallelDims
 
 
@@ -28,16 +27,14 @@ def test_dp_shard_degree_fills_the_rest():
 
 
 def test_context_parallel_needs_divisible_heads_and_tokens():
-    check_context_parallel(dit_debug(), 2)  # 2 heads, 16 tokens
+    DiT(dit_debug()).check_context_parallel(2)  # 2 heads, 16 tokens
     with pytest.raises(ValueError, match=r"num_heads \(2\) is not divisible by cp_degree \(4\)"):
-        check_context_parallel(dit_debug(), 4)
+        DiT(dit_debug()).check_context_parallel(4)
     odd_grid = DiTConfig(image_size=6, patch_size=2, dim=64, num_heads=4, depth=1)  # 3 x 3 = 9 tokens
     with pytest.raises(ValueError, match=r"the 9 tokens .* are not divisible by cp_degree \(2\)"):
-        check_context_parallel(odd_grid, 2)
+        DiT(odd_grid).check_context_parallel(2)
 
 
 def test_unknown_checkpoint_policy_is_rejected():
-    from rcm_core.models.dit import DiT
-
     with pytest.raises(ValueError, match="none, full or selective"):
         apply_activation_checkpointing(DiT(dit_debug()), "sometimes")
