@@ -11,6 +11,7 @@ tangent or averaged gradients are off by O(1e-2) or more.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -22,7 +23,7 @@ from rcm_core.parallel.parallelize import net_copier
 from rcm_core.teachers.wan import WanNet
 from tests.distributed import rcm_setup
 from tests.distributed.harness import spawn
-from tests.distributed.workers import _parallel_dims
+from tests.distributed.workers import _parallel_dims, _record_dtype
 from tests.teachers.wan_tiny import LATENT, TEXT_LEN, build_wan_tiny, wan_tiny_config
 
 RTOL, ATOL = 1e-8, 1e-12
@@ -159,3 +160,49 @@ def test_wan_rcm_step_on_n_ranks_equals_one_rank(reference, tmp_path, dp, cp, ch
     got = torch.load(out)
     print(f"wan dp={dp} cp={cp} ac={checkpointing}: max relative difference {max_rel_difference(got, reference):.2e}")
     assert_same_run(got, reference)
+
+
+def run_wan_mixed_precision(rank: int, world: int, out_path: str) -> None:
+    """bf16 FSDP mixed precision with CP over all ranks, checkpointing none, full and selective: the dtypes on the
+    time path and in the blocks, and two steps' metrics and student gradients."""
+    torch.use_deterministic_algorithms(True)
+    result = {}
+    for checkpointing in ("none", "full", "selective"):
+        config = ParallelConfig(cp_degree=world, activation_checkpointing=checkpointing, mixed_precision="bfloat16")
+        d = distiller(net_copier(parallel_dims=_parallel_dims(world, 1, world), config=config, device="cpu"))
+        dtypes: dict[str, torch.dtype] = {}
+        net = d.student.net
+        ce = net.condition_embedder
+        watched = {"time_embedder": ce.time_embedder, "time_proj": ce.time_proj, "ffn": net.blocks[0].ffn.net[2]}
+        for name, module in watched.items():
+            module.register_forward_hook(functools.partial(_record_dtype, dtypes, name))
+        steps = [rcm_setup.record_step(d) for _ in range(2)]
+        result[checkpointing] = {"steps": steps, "dtypes": dtypes}
+    if rank == 0:
+        torch.save(result, out_path)
+
+
+def test_bf16_mixed_precision_keeps_the_wan_time_path_float32(tmp_path):
+    """CP=2 with bf16 FSDP mixed precision: blocks compute in bf16, the time embedder and time projection in
+    float32; full and selective checkpointing recompute the same values (bit-exact); the loss stays close to the
+    float32 one-rank loss."""
+    out = tmp_path / "result.pt"
+    spawn(run_wan_mixed_precision, 2, str(out), timeout=300)
+    got = torch.load(out)
+    with rcm_setup.default_dtype(torch.float32):
+        d = distiller()
+        ref = [rcm_setup.record_step(d) for _ in range(2)]
+    for checkpointing in ("none", "full", "selective"):
+        want = {"time_embedder": torch.float32, "time_proj": torch.float32, "ffn": torch.bfloat16}
+        assert got[checkpointing]["dtypes"] == want, checkpointing
+    for checkpointing in ("full", "selective"):
+        for plain, recomputed in zip(got["none"]["steps"], got[checkpointing]["steps"], strict=True):
+            assert plain["metrics"] == recomputed["metrics"], checkpointing
+            for name, grad in plain["student_grads"].items():
+                assert torch.equal(recomputed["student_grads"][name], grad), (checkpointing, name)
+    for step, ref_step in zip(got["none"]["steps"], ref, strict=True):
+        # bf16 rounding (8 bits of mantissa) in every block of this tiny random model
+        assert math.isclose(step["metrics"]["loss"], ref_step["metrics"]["loss"], rel_tol=5e-2), (
+            step["metrics"]["loss"],
+            ref_step["metrics"]["loss"],
+        )
