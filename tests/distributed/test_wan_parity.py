@@ -1,5 +1,5 @@
 """The rCM step on a tiny Wan2.1 teacher (WanNet over a diffusers WanTransformer3DModel) on N gloo ranks equals
-the 1-rank step: FSDP=2, CP=2 (Ulysses over the 8 video tokens, RoPE tables sliced with the token shards,
+the 1-rank step: FSDP=2, CP=2 (Ulysses over the 24 video tokens, RoPE tables sliced with the token shards,
 tangents through the all-to-alls and the output gather), and 2x2; checkpointing full, selective and none.
 
 Each case runs NUM_STEPS steps of the parallel Distiller in float64 (student, EMA, teacher with CFG, fake score,
@@ -55,7 +55,7 @@ class RandomVideoTask:
 
 
 def wan_teacher() -> WanNet:
-    """The tiny random Wan (2 layers, 2 heads of dim 16, 8 tokens) in the default dtype, the same on every rank."""
+    """The tiny random Wan (2 layers, 2 heads of dim 16, 24 tokens) in the default dtype, the same on every rank."""
     return WanNet.from_diffusers(build_wan_tiny(seed=0, dtype=torch.get_default_dtype()))
 
 

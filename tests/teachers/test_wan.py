@@ -321,7 +321,7 @@ def test_from_diffusers_refuses_an_i2v_model():
 
 def test_context_parallel_check_names_heads_and_tokens():
     net = _float64_teacher().net
-    net.check_context_parallel(2, num_tokens=8)
+    net.check_context_parallel(2, num_tokens=24)
     with pytest.raises(ValueError, match=r"num_heads \(2\) is not divisible by cp_degree \(4\)"):
         net.check_context_parallel(4)
     with pytest.raises(ValueError, match="the 9 tokens .* not divisible by cp_degree"):
