@@ -326,3 +326,24 @@ def test_context_parallel_check_names_heads_and_tokens():
         net.check_context_parallel(4)
     with pytest.raises(ValueError, match="the 9 tokens .* not divisible by cp_degree"):
         net.check_context_parallel(2, num_tokens=9)
+
+
+def test_a_student_saves_back_in_diffusers_layout(tmp_path):
+    """to_diffusers + save_pretrained writes the student's exact weights under diffusers' keys; loaded again through
+    load_diffusers_teacher it gives the same F (up to diffusers rounding its keep-in-fp32 modules on load)."""
+    from safetensors.torch import load_file
+
+    student = _float64_teacher(seed=6)
+    with torch.no_grad():  # a trained student differs from the teacher it started as
+        for p in student.parameters():
+            p.add_(0.01)
+    path = tmp_path / "transformer"
+    student.net.to_diffusers().save_pretrained(str(path))
+    saved = load_file(str(path / "diffusion_pytorch_model.safetensors"))
+    expected = student.net.state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    loaded = load_diffusers_teacher(path, dtype=torch.float64)
+    x, t, cond = wan_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, cond), student(x, t, cond), rtol=1e-6, atol=1e-6)
