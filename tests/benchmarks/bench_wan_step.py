@@ -672,11 +672,11 @@ def main() -> None:
     ap.add_argument("--peak-tflops-cpu", action="store_true", help="also compute MFU on a CPU (against --peak-tflops)")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
+    # before CUDA starts: segments that grow in place fragment less across the configurations built in turn
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = init_single_process(args.device or ("cpu" if args.tiny else "cuda"))
     if args.tiny:
         args.model = "tiny"
-    if device.type == "cuda":
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args.out.mkdir(parents=True, exist_ok=True)
     import diffusers
 
