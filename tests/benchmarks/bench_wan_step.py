@@ -208,9 +208,19 @@ def counted_flops(fn) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------- setup
-def init_single_process(device: str) -> torch.device:
-    """A one-rank process group: the networks go through FSDP2 (mixed precision), as on N ranks."""
-    if not dist.is_initialized():
+def init_process(device: str) -> torch.device:
+    """The process group: torchrun's (WORLD_SIZE > 1: one GPU per local rank), else a one-rank group, so the
+    networks go through FSDP2 (mixed precision) as on N ranks."""
+    if dist.is_initialized():
+        pass
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device == "cuda":
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group("gloo")
+    else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -220,15 +230,25 @@ def init_single_process(device: str) -> torch.device:
             dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
         else:
             dist.init_process_group("gloo")
-    return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
 
 
-def build_wan_net(config: dict, device: torch.device, attention_backend: str):
-    """The project's WanNet over a randomly initialised diffusers WanTransformer3DModel.
+def rank0() -> bool:
+    return dist.get_rank() == 0
 
-    Built directly on `device` (not on `meta`): diffusers computes non-persistent buffers (Wan's RoPE tables) in
-    __init__, which a meta build followed by to_empty() would leave uninitialised; building under the device
-    context allocates every tensor once, on the GPU, with no CPU copy either way.
+
+def say(*args, **kwargs) -> None:
+    if rank0():
+        print(*args, **kwargs)
+
+
+def build_wan_net(config: dict, device: torch.device | str, attention_backend: str):
+    """The project's WanNet over a randomly initialised diffusers WanTransformer3DModel, built on `device`.
+
+    On a GPU it is built directly there (every tensor allocated once, no CPU copy) and the Distiller copies it
+    the way the worker does (net_copier). On `meta` (several ranks) nothing is allocated: `meta_copier` then
+    materialises each rank's shards only. WanNet computes its RoPE tables per forward, so no buffer of the
+    diffusers module (its non-persistent `rope` tables are not adopted) needs a value.
     """
     from diffusers import WanTransformer3DModel
 
@@ -237,6 +257,35 @@ def build_wan_net(config: dict, device: torch.device, attention_backend: str):
     with torch.device(device):
         model = WanTransformer3DModel(**config)  # float32: FSDP's mixed precision gathers bf16 copies
     return WanNet.from_diffusers(model, attention_backend=attention_backend)
+
+
+def meta_copier(*, parallel_dims: ParallelDims, config: ParallelConfig, device: torch.device):
+    """copy_net for a net on `meta`: copy, parallelize, `to_empty` on the device (this rank's shards only), random
+    weights. The torchtitan recipe `build_parallel_dit` follows; net_copier would first put a whole float32 copy
+    of the net on every rank (57 GB for 14B, per copy). Random, not copied, weights: the step's cost does not
+    depend on them (norm weights 1, biases 0, the rest N(0, 0.02))."""
+    import copy
+
+    from rcm_core.parallel.parallelize import parallelize_net
+
+    copies = iter(range(1000))
+
+    def copy_net(net: torch.nn.Module) -> torch.nn.Module:
+        model = parallelize_net(copy.deepcopy(net), parallel_dims=parallel_dims, config=config)
+        model.to_empty(device=device)
+        gen = torch.Generator(device=device).manual_seed(1000 * next(copies) + dist.get_rank())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p  # the rank's shard of a DTensor
+                if name.endswith("bias"):
+                    local.zero_()
+                elif "norm" in name:
+                    local.fill_(1.0)
+                else:
+                    local.normal_(0.0, 0.02, generator=gen)
+        return model
+
+    return copy_net
 
 
 def math_attention_in_jvp(net) -> None:
@@ -352,24 +401,33 @@ def oom_text(r: dict) -> str:
 def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model_flops: float, peak: float | None):
     try:
         t = time_fn(fn, device, reps, warmup)
+        if dist.get_world_size() > 1:  # the largest over ranks; every rank times the same collective-bound step
+            peak_t = torch.tensor([t["peak_gib"]], device=device)
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            t["peak_gib"] = float(peak_t.item())
     except torch.OutOfMemoryError as exc:  # record and go on: the next phase / configuration may fit
         rec = oom_record(exc, device)
-        print(f"  {name:9s} {oom_text(rec)}", flush=True)
+        say(f"  {name:9s} {oom_text(rec)}", flush=True)
         return rec
     finally:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    model_flops /= dist.get_world_size()  # per GPU: the ranks share one sample's work (CP) or the batch
     tflops = model_flops / t["s"] / 1e12
     rec = {"ms": round(t["s"] * 1e3, 2), "all_ms": [round(s * 1e3, 2) for s in t["all_s"]],
            "peak_gib": round(t["peak_gib"], 3), "model_tflop": model_flops / 1e12, "tflops": tflops,
            "mfu": None if peak is None else tflops / peak}  # fmt: skip
     mfu = "" if peak is None else f"  MFU {tflops / peak:6.1%}"
-    print(f"  {name:9s} {t['s'] * 1e3:10.1f} ms  {tflops:8.3f} TFLOP/s{mfu}  peak {t['peak_gib']:7.2f} GiB", flush=True)
+    say(f"  {name:9s} {t['s'] * 1e3:10.1f} ms  {tflops:8.3f} TFLOP/s{mfu}  peak {t['peak_gib']:7.2f} GiB", flush=True)
     return rec
 
 
 # ------------------------------------------------------------------------------------------------- full step
+class _SkipCount(Exception):
+    pass
+
+
 def phase_fns(model: FlowModel, task: RandomLatentTask, device: torch.device) -> dict:
     """forward / JVP / fwd+bwd of `model` on one sample drawn from `task` at TrigFlow time 0.7."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -398,7 +456,7 @@ def build_distiller(args, config: dict, device: torch.device, attention: str, ac
     from rcm_core.teachers import FAMILIES
 
     mixed = "bfloat16" if device.type == "cuda" else "none"
-    pconfig = ParallelConfig(activation_checkpointing=ac, mixed_precision=mixed)
+    pconfig = ParallelConfig(activation_checkpointing=ac, mixed_precision=mixed, cp_degree=args.cp_degree)
     dims = ParallelDims.from_config(pconfig, dist.get_world_size())
     dims.build_mesh(device.type)
     wan = FAMILIES["wan2.1"]
@@ -408,10 +466,14 @@ def build_distiller(args, config: dict, device: torch.device, attention: str, ac
         train=TrainConfig(steps=1000, batch_size=1, seed=0, log_every=1, eval_every=0),
     )
     backend = "math" if attention == "math" else "auto"
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        net = build_wan_net(config, device, backend)
-    copy_net = net_copier(parallel_dims=dims, config=pconfig, device=device)
+    if dims.world_size > 1:  # each rank materialises only its shards
+        net = build_wan_net(config, "meta", backend)
+        copy_net = meta_copier(parallel_dims=dims, config=pconfig, device=device)
+    else:  # the worker's path: one net with weights, copied by net_copier
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            net = build_wan_net(config, device, backend)
+        copy_net = net_copier(parallel_dims=dims, config=pconfig, device=device)
     distiller = Distiller(dconfig, net, task, parameterization="rf", copy_net=copy_net, device=device)
     del net  # the four copies (teacher, student, EMA, fake score) are all the step needs
     if attention == "math-jvp":
@@ -426,12 +488,12 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
     task = RandomLatentTask(latent=latent, text_len=text_len, text_dim=config["text_dim"], device=device)
     row: dict = {"model": args.model, "attention": attention, "activation_checkpointing": ac, "latent": list(latent),
                  "tokens": tokens, "text_len": text_len}  # fmt: skip
-    print(f"== {args.model} attention={attention} ac={ac} latent={latent} ({tokens} tokens)", flush=True)
+    say(f"== {args.model} attention={attention} ac={ac} latent={latent} ({tokens} tokens)", flush=True)
     try:
         distiller, pconfig = build_distiller(args, config, device, attention, ac, task)
     except torch.OutOfMemoryError as exc:
         row["build"] = oom_record(exc, device)
-        print(f"  build {oom_text(row['build'])}", flush=True)
+        say(f"  build {oom_text(row['build'])}", flush=True)
         return row
     row["mixed_precision"] = pconfig.mixed_precision
     student = distiller.student
@@ -441,8 +503,11 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
     per_row = phase_flops(flops)
     row["flops_per_row"] = {**flops, **per_row}
     peak = args.peak_tflops if (device.type == "cuda" or args.peak_tflops_cpu) else None
+    row["world_size"], row["cp_degree"] = dist.get_world_size(), args.cp_degree
     try:
         fns["forward"]()  # as the critic rollout does before sCM's JVP (rcm_core.parallel.fsdp: one-rank FSDP units)
+        if dist.get_world_size() > 1:
+            raise _SkipCount  # one rank's counter sees its share only: the formula is checked on one rank
         counted = counted_flops(fns["forward"])
         row["flopcounter_forward"] = counted
         row["flopcounter_linear_over_analytic"] = counted["linear"] / (flops["lin_x"] + flops["lin_c"])
@@ -459,9 +524,11 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
             # keys' and values' zero tangents, the A_c the model FLOPs (3 A_s + 2 A_c) leave out
             executed = 3 * flops["attn_self"] + 3 * flops["attn_cross"]
             row["flopcounter_jvp_attention_over_executed"] = counted_jvp["attention"] / executed
+    except _SkipCount:
+        pass
     except torch.OutOfMemoryError as exc:
         row["forward"] = oom_record(exc, device)
-        print(f"  forward {oom_text(row['forward'])}", flush=True)
+        say(f"  forward {oom_text(row['forward'])}", flush=True)
     reps, warmup = (args.reps, 1) if device.type == "cuda" else (1, 1)
     phases = [p for p in args.phases.split(",") if p]
     for name, fn in fns.items():
@@ -475,7 +542,7 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
             sync(device)
         except torch.OutOfMemoryError as exc:
             row["step"] = oom_record(exc, device)
-            print(f"  step      {oom_text(row['step'])}", flush=True)
+            say(f"  step      {oom_text(row['step'])}", flush=True)
         counter.enabled = False
         row["step_passes"] = counter.passes
         counter.remove()
@@ -517,7 +584,7 @@ def bench_block(args, device: torch.device) -> dict:
                      "params": {}}  # fmt: skip
         for depth in depths:
             cfg = {**base, "num_layers": depth}
-            print(f"== block-only {out['config']} {setting}: {depth} block(s), latent {latent}", flush=True)
+            say(f"== block-only {out['config']} {setting}: {depth} block(s), latent {latent}", flush=True)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(0)
                 net = build_wan_net(cfg, device, "auto")
@@ -633,7 +700,8 @@ def step_table(rows: list[dict]) -> str:
         tf = "" if "tflops" not in s else f"{s['tflops']:.1f}"
         pk = "" if "peak_gib" not in s or s.get("oom") else f"{s['peak_gib']:.1f}"
         build = f" (build: {oom_text(r['build'])})" if "build" in r else ""
-        lines.append(f"| Wan2.1 {r['model']}{build} | {r['attention']} | {r['activation_checkpointing']} | "
+        gpus = f" on {r['world_size']} ranks, CP={r['cp_degree']}" if r.get("world_size", 1) > 1 else ""
+        lines.append(f"| Wan2.1 {r['model']}{gpus}{build} | {r['attention']} | {r['activation_checkpointing']} | "
                      f"{r['tokens']} | {fmt_phase(r.get('forward'))} | {fmt_phase(r.get('jvp'))} | "
                      f"{fmt_phase(r.get('fwd_bwd'))} | {fmt_phase(s)} | {tf} | {pk} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -665,6 +733,7 @@ def main() -> None:
     ap.add_argument("--phases", default="forward,jvp,fwd_bwd,step")
     ap.add_argument("--reps", type=int, default=3, help="timed calls of forward / JVP / fwd+bwd (median)")
     ap.add_argument("--steps", type=int, default=2, help="timed rCM steps (median), after one warm-up step")
+    ap.add_argument("--cp-degree", type=int, default=1, help="under torchrun: ranks splitting each sample's tokens")
     ap.add_argument("--block-only", action="store_true", help="one 14B block, all tokens and one CP=8 rank's share")
     ap.add_argument("--passes-from", type=Path, default=None, help="a wan_step*.json whose counted passes project 14B")
     ap.add_argument("--a2a-gbs", type=float, default=A2A_GBS, help="assumed all-to-all bandwidth, GB/s per GPU")
@@ -674,7 +743,7 @@ def main() -> None:
     args = ap.parse_args()
     # before CUDA starts: segments that grow in place fragment less across the configurations built in turn
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    device = init_single_process(args.device or ("cpu" if args.tiny else "cuda"))
+    device = init_process(args.device or ("cpu" if args.tiny else "cuda"))
     if args.tiny:
         args.model = "tiny"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -690,8 +759,10 @@ def main() -> None:
         import triton
 
         header["triton"] = triton.__version__
-    print(f"== { ({k: v for k, v in header.items() if k != 'flop_formula'}) }", flush=True)
+    say(f"== { ({k: v for k, v in header.items() if k != 'flop_formula'}) }", flush=True)
     tag = f"_{args.label}" if args.label else ""
+    if args.block_only and dist.get_world_size() > 1:
+        raise SystemExit("--block-only emulates one CP rank on one GPU: run it without torchrun")
     if args.block_only:
         result = {**header, "block": bench_block(args, device)}
         passes = None
@@ -703,7 +774,7 @@ def main() -> None:
         md += block_table(result["block"]) + "\n" + json.dumps(result["projection"], indent=1) + "\n"
         (args.out / f"wan_block{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / f"wan_block{tag}.md").write_text(md)
-        print(md, flush=True)
+        say(md, flush=True)
         dist.destroy_process_group()
         return
     config = WAN_CONFIGS[args.model]
@@ -714,9 +785,10 @@ def main() -> None:
             # written after every configuration: a run cut short by its time limit keeps what it measured
             md = f"{header['date']}, {header['device']}, torch {header['torch']}, {' '.join(sys.argv[1:])}\n\n"
             md += step_table(result["rows"]) + "\nModel FLOPs:\n" + header["flop_formula"] + "\n"
-            (args.out / f"wan_step{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-            (args.out / f"wan_step{tag}.md").write_text(md)
-    print(step_table(result["rows"]), flush=True)
+            if rank0():
+                (args.out / f"wan_step{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+                (args.out / f"wan_step{tag}.md").write_text(md)
+    say(step_table(result["rows"]), flush=True)
     dist.destroy_process_group()
 
 

@@ -144,3 +144,24 @@ def test_ulysses_emulation_gives_one_rank_its_heads_over_all_tokens():
     assert out.shape == (1, *bench.TINY_LATENT)
     tokens = bench.tokens_of(bench.WAN_CONFIGS["tiny"], bench.TINY_LATENT)
     assert set(shapes) == {(1, 1, 2 * tokens, 16)}  # 2 heads / cp 2, all tokens of a rank holding L / 2 x 2
+
+
+def test_two_ranks_with_context_parallel_build_shards_on_meta(tmp_path):
+    """Under torchrun (gloo, 2 CPU ranks, CP=2) the nets are built on meta and each rank materialises its shards:
+    the path of the 14B-on-8-GPUs command."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(SCRIPT), "--tiny", "--cp-degree", "2", "--out", str(tmp_path),
+           "--phases", "step", "--steps", "1", "--peak-tflops-cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "wan_step.json").read_text())["rows"]
+    assert (row["world_size"], row["cp_degree"]) == (2, 2)
+    _finite_timing(row["step"])
+    # the model FLOPs are the whole step's, split over the ranks for the per-GPU rate
+    assert row["step"]["model_tflop"] == pytest.approx(row["step_flops"] / 2 / 1e12, rel=1e-12)
