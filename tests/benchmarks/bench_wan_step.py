@@ -392,6 +392,13 @@ def oom_record(exc: BaseException, device: torch.device) -> dict:
     return out
 
 
+KEEP_GOING = False  # main() sets it on CUDA: record a failed phase and go on (CPU runs and tests fail loudly)
+
+
+def error_record(exc: BaseException) -> dict:
+    return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+
+
 def oom_text(r: dict) -> str:
     at = r.get("allocated_gib", r["peak_gib"])
     tried = f", asking {r['tried_gib']:.1f} GiB more" if "tried_gib" in r else ""
@@ -408,6 +415,12 @@ def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model
     except torch.OutOfMemoryError as exc:  # record and go on: the next phase / configuration may fit
         rec = oom_record(exc, device)
         say(f"  {name:9s} {oom_text(rec)}", flush=True)
+        return rec
+    except Exception as exc:  # noqa: BLE001 -- on a GPU a failed phase (e.g. after an OOM) must not end the run
+        if not KEEP_GOING:
+            raise
+        rec = error_record(exc)
+        say(f"  {name:9s} {rec['error']}", flush=True)
         return rec
     finally:
         gc.collect()
@@ -529,6 +542,10 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
     except torch.OutOfMemoryError as exc:
         row["forward"] = oom_record(exc, device)
         say(f"  forward {oom_text(row['forward'])}", flush=True)
+    except Exception as exc:  # noqa: BLE001 -- as in run_phase
+        if not KEEP_GOING:
+            raise
+        row["flopcounter_error"] = error_record(exc)["error"]
     reps, warmup = (args.reps, 1) if device.type == "cuda" else (1, 1)
     phases = [p for p in args.phases.split(",") if p]
     for name, fn in fns.items():
@@ -543,6 +560,11 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
         except torch.OutOfMemoryError as exc:
             row["step"] = oom_record(exc, device)
             say(f"  step      {oom_text(row['step'])}", flush=True)
+        except Exception as exc:  # noqa: BLE001 -- as in run_phase
+            if not KEEP_GOING:
+                raise
+            row["step"] = error_record(exc)
+            say(f"  step      {row['step']['error']}", flush=True)
         counter.enabled = False
         row["step_passes"] = counter.passes
         counter.remove()
@@ -686,6 +708,8 @@ def projection_cp(block: dict, passes: list[dict] | None, a2a_gbs: float) -> dic
 def fmt_phase(r: dict | None) -> str:
     if not r:
         return ""
+    if "error" in r:
+        return r["error"][:60]
     if r.get("oom"):
         return oom_text(r)
     mfu = "" if r.get("mfu") is None else f", {r['mfu']:.1%} MFU"
@@ -744,6 +768,8 @@ def main() -> None:
     # before CUDA starts: segments that grow in place fragment less across the configurations built in turn
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = init_process(args.device or ("cpu" if args.tiny else "cuda"))
+    global KEEP_GOING
+    KEEP_GOING = device.type == "cuda"
     if args.tiny:
         args.model = "tiny"
     args.out.mkdir(parents=True, exist_ok=True)
