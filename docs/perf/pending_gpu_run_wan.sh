@@ -17,6 +17,11 @@
 #        C  (60 s) 1.3B, math attention in the JVP (expected: out of memory; recorded, not raised)
 #        D (110 s) 1.3B, fused attention: the rCM step under selective and no checkpointing
 #      Tables go to stdout and $OUT (wan_*.md), everything (JSON, logs) into $OUT/results.tar.gz.
+#   3. when the 8-GPU kind is lent (nvidia-h200-x8, timeout_s 600, carry [".whl"]):
+#        bash docs/perf/pending_gpu_run_wan.sh 14b-cp8
+#      the real 14B rCM step on 8 GPUs with CP=8 (torchrun; nets built on meta, each rank materialising its
+#      shards), then the one-GPU block measurement on GPU 0 with the projection from that run's own counted
+#      passes: the measured step and its projection side by side.
 # Smoke check of this script on a CPU (tiny configs, same parts and files): PY=.venv/bin/python EXTRA=--tiny
 #   OUT=/tmp/wan bash docs/perf/pending_gpu_run_wan.sh
 set -u
@@ -43,6 +48,8 @@ $PY -c "import torch, triton, diffusers, accelerate, huggingface_hub as h; print
 R=$OUT/r
 mkdir -p "$R"
 B=tests/benchmarks/bench_wan_step.py
+# NVLink multicast stays off (the device notes: it can take a shared host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 run() {  # run SECONDS LOG ARGS...: one part under its own limit, its output kept whole in LOG
   local limit=$1 log=$2
   shift 2
@@ -50,12 +57,22 @@ run() {  # run SECONDS LOG ARGS...: one part under its own limit, its output kep
   timeout "$limit" $PY $B --out "$R" ${EXTRA:-} "$@" > "$R/$log" 2>&1
   echo "   exit $? ($log)"
 }
+if [ "${1:-}" = 14b-cp8 ]; then
+  echo "== torchrun, 8 ranks: 14B rCM step, CP=8"
+  timeout 330 $PY -m torch.distributed.run --nproc-per-node 8 --master-addr 127.0.0.1 $B --out "$R" ${EXTRA:-} \
+    --model 14B --cp-degree 8 --attention fused --activation-checkpoint full --phases step --steps 2 \
+    --label 14b_cp8 > "$R/e_14b_cp8.log" 2>&1
+  echo "   exit $? (e_14b_cp8.log)"
+  CUDA_VISIBLE_DEVICES=0 run 150 f_block14b.log --block-only --reps 2 --passes-from "$R/wan_step_14b_cp8.json" \
+    --label 14b_cp8_projection
+else
 run 150 a_fused_full.log --attention fused --activation-checkpoint full --reps 2 --steps 2 --label fused_full
 run 100 b_block14b.log --block-only --reps 2 --passes-from "$R/wan_step_fused_full.json" --label 14b
 run 60 c_mathjvp.log --attention math-jvp --activation-checkpoint full --phases forward,jvp,step --steps 1 \
   --label mathjvp_full
 run 110 d_fused_ac.log --attention fused --activation-checkpoint selective,none --phases step --steps 1 \
   --label fused_selective_none
+fi
 for f in "$R"/wan_*.md; do
   [ -f "$f" ] || continue
   echo "== $(basename "$f")"
