@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 17 item 6: the rCM step of Wan2.1-T2V-1.3B at 480p x 81 frames and one Wan2.1-14B block, on one H200.
-# Written and NOT yet run: device loans were paused on 2026-12-05 (the day it was written). Two parts:
+# Written and NOT yet run: device loans were paused on 2026-12-05 (the day it was written). Three parts:
 #
 #   1. here, with network access (once per checkout; the wheels are git-ignored, so a fresh checkout needs it):
 #        bash docs/perf/pending_gpu_run_wan.sh prepare
@@ -10,12 +10,13 @@
 #   2. on the GPU, one call of the device tool (kind nvidia-h200, timeout_s 600, carry [".whl"]):
 #        bash docs/perf/pending_gpu_run_wan.sh
 #      installs the wheels into /tmp/site and runs, each under its own time limit (420 s in all, so that with
-#      the machine's start the call stays under 9 minutes of device time; a part cut short keeps what it wrote):
-#        A (150 s) 1.3B, fused attention, full checkpointing: forward, JVP, fwd+bwd and the rCM step
+#      the machine's start the call stays under 9 minutes of device time; a part cut short keeps every phase it
+#      finished, as the script writes its JSON and table after each):
+#        A (180 s) 1.3B, fused attention, full checkpointing: forward, JVP, fwd+bwd and the rCM step
 #        B (100 s) 14B: one block at 32,760 tokens and at a CP=8 rank's share, and the 14B-on-8-GPUs projection
 #                  from A's counted passes
-#        C  (60 s) 1.3B, math attention in the JVP (expected: out of memory; recorded, not raised)
-#        D (110 s) 1.3B, fused attention: the rCM step under selective and no checkpointing
+#        C  (50 s) 1.3B, math attention in the JVP (expected: out of memory; recorded, not raised)
+#        D  (90 s) 1.3B, fused attention: the rCM step under selective and no checkpointing
 #      Tables go to stdout and $OUT (wan_*.md), everything (JSON, logs) into $OUT/results.tar.gz.
 #   3. when the 8-GPU kind is lent (nvidia-h200-x8, timeout_s 600, carry [".whl"]):
 #        bash docs/perf/pending_gpu_run_wan.sh 14b-cp8
@@ -66,11 +67,11 @@ if [ "${1:-}" = 14b-cp8 ]; then
   CUDA_VISIBLE_DEVICES=0 run 150 f_block14b.log --block-only --reps 2 --passes-from "$R/wan_step_14b_cp8.json" \
     --label 14b_cp8_projection
 else
-run 150 a_fused_full.log --attention fused --activation-checkpoint full --reps 2 --steps 2 --label fused_full
+run 180 a_fused_full.log --attention fused --activation-checkpoint full --reps 2 --steps 2 --label fused_full
 run 100 b_block14b.log --block-only --reps 2 --passes-from "$R/wan_step_fused_full.json" --label 14b
-run 60 c_mathjvp.log --attention math-jvp --activation-checkpoint full --phases forward,jvp,step --steps 1 \
+run 50 c_mathjvp.log --attention math-jvp --activation-checkpoint full --phases forward,jvp,step --steps 1 \
   --label mathjvp_full
-run 110 d_fused_ac.log --attention fused --activation-checkpoint selective,none --phases step --steps 1 \
+run 90 d_fused_ac.log --attention fused --activation-checkpoint selective,none --phases step --steps 1 \
   --label fused_selective_none
 fi
 for f in "$R"/wan_*.md; do

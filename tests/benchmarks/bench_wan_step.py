@@ -437,10 +437,6 @@ def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model
 
 
 # ------------------------------------------------------------------------------------------------- full step
-class _SkipCount(Exception):
-    pass
-
-
 def phase_fns(model: FlowModel, task: RandomLatentTask, device: torch.device) -> dict:
     """forward / JVP / fwd+bwd of `model` on one sample drawn from `task` at TrigFlow time 0.7."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -494,20 +490,59 @@ def build_distiller(args, config: dict, device: torch.device, attention: str, ac
     return distiller, pconfig
 
 
-def bench_config(args, config: dict, device: torch.device, attention: str, ac: str) -> dict:
-    """One configuration: build, count FLOPs, time the phases and the rCM step; OOMs are recorded."""
+def guarded(fn, device: torch.device, what: str) -> dict | None:
+    """None when fn() ran; else the record of its OOM (or, on CUDA, of another error), printed as `what`."""
+    try:
+        fn()
+        return None
+    except torch.OutOfMemoryError as exc:
+        rec = oom_record(exc, device)
+        say(f"  {what:9s} {oom_text(rec)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 -- as in run_phase
+        if not KEEP_GOING:
+            raise
+        rec = error_record(exc)
+        say(f"  {what:9s} {rec['error']}", flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
+def count_flops(row: dict, fns: dict, flops: dict[str, float]) -> None:
+    """FlopCounterMode's count of one forward and one JVP against the formula, into row (module doc)."""
+    counted = counted_flops(fns["forward"])
+    row["flopcounter_forward"] = counted
+    row["flopcounter_linear_over_analytic"] = counted["linear"] / (flops["lin_x"] + flops["lin_c"])
+    if counted["attention"]:  # math path only (the Triton kernel is invisible to the counter)
+        row["flopcounter_attention_over_analytic"] = counted["attention"] / (flops["attn_self"] + flops["attn_cross"])
+    counted_jvp = counted_flops(fns["jvp"])
+    row["flopcounter_jvp"] = counted_jvp
+    # the JVP's linears: 2 Lin_x + Lin_c when the one-GEMM rule holds (3 Lin_x + Lin_c with PyTorch's addmm rule)
+    row["flopcounter_jvp_linear_over_analytic"] = counted_jvp["linear"] / (2 * flops["lin_x"] + flops["lin_c"])
+    if counted_jvp["attention"]:
+        # math path only. It executes 3 A_s + 3 A_c: PyTorch's bmm forward-AD rule also multiplies the text keys'
+        # and values' zero tangents, the A_c the model FLOPs (3 A_s + 2 A_c) leave out
+        executed = 3 * flops["attn_self"] + 3 * flops["attn_cross"]
+        row["flopcounter_jvp_attention_over_executed"] = counted_jvp["attention"] / executed
+
+
+def bench_config(args, config: dict, device: torch.device, attention: str, ac: str, row: dict, save) -> None:
+    """One configuration, filled into `row` (save() after every phase, so a run cut short keeps what it measured):
+    build, count FLOPs, time the phases and the rCM step; OOMs are recorded, not raised."""
     latent, text_len = (TINY_LATENT, TINY_TEXT) if args.tiny else (tuple(args.latent), args.text_len)
     tokens = tokens_of(config, latent)
     task = RandomLatentTask(latent=latent, text_len=text_len, text_dim=config["text_dim"], device=device)
-    row: dict = {"model": args.model, "attention": attention, "activation_checkpointing": ac, "latent": list(latent),
-                 "tokens": tokens, "text_len": text_len}  # fmt: skip
+    row.update(model=args.model, attention=attention, activation_checkpointing=ac, latent=list(latent), tokens=tokens,
+               text_len=text_len, world_size=dist.get_world_size(), cp_degree=args.cp_degree)  # fmt: skip
     say(f"== {args.model} attention={attention} ac={ac} latent={latent} ({tokens} tokens)", flush=True)
-    try:
-        distiller, pconfig = build_distiller(args, config, device, attention, ac, task)
-    except torch.OutOfMemoryError as exc:
-        row["build"] = oom_record(exc, device)
-        say(f"  build {oom_text(row['build'])}", flush=True)
-        return row
+    built: list = []
+    failed = guarded(lambda: built.append(build_distiller(args, config, device, attention, ac, task)), device, "build")
+    if failed:
+        row["build"] = failed
+        save()
+        return
+    distiller, pconfig = built.pop()
     row["mixed_precision"] = pconfig.mixed_precision
     student = distiller.student
     row["params_b"] = sum(p.numel() for p in student.parameters()) / 1e9
@@ -516,70 +551,39 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
     per_row = phase_flops(flops)
     row["flops_per_row"] = {**flops, **per_row}
     peak = args.peak_tflops if (device.type == "cuda" or args.peak_tflops_cpu) else None
-    row["world_size"], row["cp_degree"] = dist.get_world_size(), args.cp_degree
-    try:
-        fns["forward"]()  # as the critic rollout does before sCM's JVP (rcm_core.parallel.fsdp: one-rank FSDP units)
-        if dist.get_world_size() > 1:
-            raise _SkipCount  # one rank's counter sees its share only: the formula is checked on one rank
-        counted = counted_flops(fns["forward"])
-        row["flopcounter_forward"] = counted
-        row["flopcounter_linear_over_analytic"] = counted["linear"] / (flops["lin_x"] + flops["lin_c"])
-        if counted["attention"]:
-            row["flopcounter_attention_over_analytic"] = counted["attention"] / (
-                flops["attn_self"] + flops["attn_cross"]
-            )
-        counted_jvp = counted_flops(fns["jvp"])
-        row["flopcounter_jvp"] = counted_jvp
-        # the JVP's linears: 2 Lin_x + Lin_c when the one-GEMM rule holds (3 Lin_x + Lin_c with PyTorch's addmm rule)
-        row["flopcounter_jvp_linear_over_analytic"] = counted_jvp["linear"] / (2 * flops["lin_x"] + flops["lin_c"])
-        if counted_jvp["attention"]:
-            # math path only. It executes 3 A_s + 3 A_c: PyTorch's bmm forward-AD rule also multiplies the text
-            # keys' and values' zero tangents, the A_c the model FLOPs (3 A_s + 2 A_c) leave out
-            executed = 3 * flops["attn_self"] + 3 * flops["attn_cross"]
-            row["flopcounter_jvp_attention_over_executed"] = counted_jvp["attention"] / executed
-    except _SkipCount:
-        pass
-    except torch.OutOfMemoryError as exc:
-        row["forward"] = oom_record(exc, device)
-        say(f"  forward {oom_text(row['forward'])}", flush=True)
-    except Exception as exc:  # noqa: BLE001 -- as in run_phase
-        if not KEEP_GOING:
-            raise
-        row["flopcounter_error"] = error_record(exc)["error"]
+    # a forward first, as the critic rollout runs before sCM's JVP (rcm_core.parallel.fsdp: one-rank FSDP units)
+    failed = guarded(fns["forward"], device, "forward")
+    if failed:
+        row["forward"] = failed
+    elif dist.get_world_size() == 1:  # one rank's counter would see its share only: checked on one rank
+        failed = guarded(lambda: count_flops(row, fns, flops), device, "jvp")
+        if failed:  # the forward was counted: the JVP failed (e.g. math attention out of memory)
+            row["jvp"] = failed
+    save()
     reps, warmup = (args.reps, 1) if device.type == "cuda" else (1, 1)
     phases = [p for p in args.phases.split(",") if p]
     for name, fn in fns.items():
         if name in phases and name not in row:
             row[name] = run_phase(name, fn, device, reps, warmup, per_row[name], peak)
+            save()
     if "step" in phases:
         counter = PassCounter({n: inner_net(getattr(distiller, n)) for n in ("teacher", "student", "fake")})
         counter.enabled = True
-        try:
-            distiller.train_step()  # warm-up step (autotuning), also the one whose passes are counted
-            sync(device)
-        except torch.OutOfMemoryError as exc:
-            row["step"] = oom_record(exc, device)
-            say(f"  step      {oom_text(row['step'])}", flush=True)
-        except Exception as exc:  # noqa: BLE001 -- as in run_phase
-            if not KEEP_GOING:
-                raise
-            row["step"] = error_record(exc)
-            say(f"  step      {row['step']['error']}", flush=True)
+        # the warm-up step (autotuning) is also the one whose passes are counted
+        failed = guarded(lambda: (distiller.train_step(), sync(device)), device, "step")
         counter.enabled = False
-        row["step_passes"] = counter.passes
         counter.remove()
-        if "step" not in row:
+        row["step_passes"] = counter.passes
+        if failed:
+            row["step"] = failed
+        else:
             row["step_flops"] = step_flops(counter.passes, per_row)
             row["step"] = run_phase("step", distiller.train_step, device, args.steps, 0, row["step_flops"], peak)
-    del distiller, student, fns
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+        save()
 
 
 # ------------------------------------------------------------------------------------------------- 14B block
-def bench_block(args, device: torch.device) -> dict:
+def bench_block(args, device: torch.device, out: dict, save) -> None:
     """Per-block and rest-of-net times of the 14B config, all tokens and one CP=8 rank's share (module doc)."""
     base = WAN_CONFIGS["tiny" if args.tiny else "14B"]
     full_latent, text_len = (TINY_LATENT, TINY_TEXT) if args.tiny else (LATENT_480P_81F, args.text_len)
@@ -597,13 +601,14 @@ def bench_block(args, device: torch.device) -> dict:
     copy_net = net_copier(parallel_dims=dims, config=pconfig, device=device)
     reps, warmup = (args.reps, 1) if device.type == "cuda" else (1, 1)
     peak = args.peak_tflops if (device.type == "cuda" or args.peak_tflops_cpu) else None
-    out: dict = {"config": "tiny" if args.tiny else "14B", "cp_degree": cp, "text_len": text_len,
-                 "activation_checkpointing": pconfig.activation_checkpointing, "settings": {}}  # fmt: skip
+    out.update(config="tiny" if args.tiny else "14B", cp_degree=cp, text_len=text_len,
+               activation_checkpointing=pconfig.activation_checkpointing, settings={})  # fmt: skip
     for setting, (latent, split) in settings.items():
         tokens_rank = tokens_of(base, latent)
         res: dict = {"latent": list(latent), "tokens_rank": tokens_rank, "self_attention_tokens": tokens_rank * split,
                      "self_attention_heads": base["num_attention_heads"] // split, "depths": {},
                      "params": {}}  # fmt: skip
+        out["settings"][setting] = res
         for depth in depths:
             cfg = {**base, "num_layers": depth}
             say(f"== block-only {out['config']} {setting}: {depth} block(s), latent {latent}", flush=True)
@@ -628,15 +633,16 @@ def bench_block(args, device: torch.device) -> dict:
             )
             per_row = phase_flops(flops)
             fns["forward"]()
-            res["depths"][depth] = {name: run_phase(name, fn, device, reps, warmup, per_row[name], peak)
-                                    for name, fn in fns.items()}  # fmt: skip
+            res["depths"][depth] = {}
+            for name, fn in fns.items():
+                res["depths"][depth][name] = run_phase(name, fn, device, reps, warmup, per_row[name], peak)
+                save()
             del model, fns
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         res.update(block_split(res["depths"], depths))
-        out["settings"][setting] = res
-    return out
+        save()
 
 
 def block_split(by_depth: dict, depths: tuple[int, int]) -> dict:
@@ -658,7 +664,7 @@ def projection_cp(block: dict, passes: list[dict] | None, a2a_gbs: float) -> dic
     counted passes of a measured rCM step (module doc). Estimated from measurements, not measured itself."""
     cfg, cp = WAN_CONFIGS[block["config"]], block["cp_degree"]
     setting = block["settings"].get(f"cp{cp}_rank")
-    if passes is None or any(v is None for v in setting["block_ms"].values()):
+    if passes is None or setting is None or any(v is None for v in setting.get("block_ms", {None: None}).values()):
         return {"note": "needs the rank's block timings (no OOM) and a step's counted passes (--passes-from)"}
     n = cfg["num_layers"]
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
@@ -736,8 +742,10 @@ def block_table(block: dict) -> str:
     for name, s in block["settings"].items():
         attn = f"{s['self_attention_heads']} heads x {s['self_attention_tokens']} tokens"
         for depth, rec in s["depths"].items():
-            lines.append(f"| {name} ({s['tokens_rank']} tokens) | {attn} | {depth} | {fmt_phase(rec['forward'])} | "
-                         f"{fmt_phase(rec['jvp'])} | {fmt_phase(rec['fwd_bwd'])} |")  # fmt: skip
+            lines.append(f"| {name} ({s['tokens_rank']} tokens) | {attn} | {depth} | {fmt_phase(rec.get('forward'))} | "
+                         f"{fmt_phase(rec.get('jvp'))} | {fmt_phase(rec.get('fwd_bwd'))} |")  # fmt: skip
+        if "block_ms" not in s:  # cut short before both depths ran
+            continue
         bl = s["block_ms"]
         cells = " | ".join("" if bl[p] is None else f"{bl[p]:.2f} ms" for p in ("forward", "jvp", "fwd_bwd"))
         lines.append(f"| {name}: one block | | | {cells} |")
@@ -790,30 +798,42 @@ def main() -> None:
     if args.block_only and dist.get_world_size() > 1:
         raise SystemExit("--block-only emulates one CP rank on one GPU: run it without torchrun")
     if args.block_only:
-        result = {**header, "block": bench_block(args, device)}
+        result = {**header, "block": {}}
         passes = None
         if args.passes_from and args.passes_from.is_file():
             step_rows = json.loads(args.passes_from.read_text())["rows"]
             passes = next((r["step_passes"] for r in step_rows if r.get("step_passes")), None)
-        result["projection"] = projection_cp(result["block"], passes, args.a2a_gbs)
-        md = f"{header['date']}, {header['device']}, torch {header['torch']}, {' '.join(sys.argv[1:])}\n\n"
-        md += block_table(result["block"]) + "\n" + json.dumps(result["projection"], indent=1) + "\n"
-        (args.out / f"wan_block{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / f"wan_block{tag}.md").write_text(md)
-        say(md, flush=True)
+
+        def save_block(projection: bool = False) -> None:
+            if projection:
+                result["projection"] = projection_cp(result["block"], passes, args.a2a_gbs)
+            md = f"{header['date']}, {header['device']}, torch {header['torch']}, {' '.join(sys.argv[1:])}\n\n"
+            md += block_table(result["block"]) + "\n" + json.dumps(result.get("projection", {}), indent=1) + "\n"
+            (args.out / f"wan_block{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+            (args.out / f"wan_block{tag}.md").write_text(md)
+
+        bench_block(args, device, result["block"], save_block)
+        save_block(projection=True)
+        say((args.out / f"wan_block{tag}.md").read_text(), flush=True)
         dist.destroy_process_group()
         return
     config = WAN_CONFIGS[args.model]
     result = {**header, "config": config, "rows": []}
-    for attention in [a for a in args.attention.split(",") if a]:
-        for ac in [a for a in args.activation_checkpoint.split(",") if a]:
-            result["rows"].append(bench_config(args, config, device, attention, ac))
-            # written after every configuration: a run cut short by its time limit keeps what it measured
+
+    def save() -> None:
+        if rank0():
             md = f"{header['date']}, {header['device']}, torch {header['torch']}, {' '.join(sys.argv[1:])}\n\n"
             md += step_table(result["rows"]) + "\nModel FLOPs:\n" + header["flop_formula"] + "\n"
-            if rank0():
-                (args.out / f"wan_step{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-                (args.out / f"wan_step{tag}.md").write_text(md)
+            (args.out / f"wan_step{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+            (args.out / f"wan_step{tag}.md").write_text(md)
+
+    for attention in [a for a in args.attention.split(",") if a]:
+        for ac in [a for a in args.activation_checkpoint.split(",") if a]:
+            result["rows"].append({})
+            bench_config(args, config, device, attention, ac, result["rows"][-1], save)
+            gc.collect()  # the configuration's networks went with bench_config's frame
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     say(step_table(result["rows"]), flush=True)
     dist.destroy_process_group()
 
