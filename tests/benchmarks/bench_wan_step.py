@@ -557,8 +557,10 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
         row["forward"] = failed
     elif dist.get_world_size() == 1:  # one rank's counter would see its share only: checked on one rank
         failed = guarded(lambda: count_flops(row, fns, flops), device, "jvp")
-        if failed:  # the forward was counted: the JVP failed (e.g. math attention out of memory)
+        if failed and failed.get("oom"):  # the forward was counted: the JVP ran out of memory (math attention)
             row["jvp"] = failed
+        elif failed:  # the counter, not the JVP, may be what failed: the JVP phase still runs
+            row["flopcounter_error"] = failed["error"]
     save()
     reps, warmup = (args.reps, 1) if device.type == "cuda" else (1, 1)
     phases = [p for p in args.phases.split(",") if p]
