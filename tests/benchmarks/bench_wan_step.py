@@ -51,9 +51,11 @@ a reshape on one GPU; the collective itself is estimated, not run). Projection w
   T_step(14B, CP=8) = sum over pass kinds k of n_k x [40 x t_block,k + t_rest,k + 40 x V_k / BW]
 with n_k the row-passes of the measured 1.3B step (forward, JVP, backward), t_block,k / t_rest,k per rank, V_k the
 all-to-all bytes one rank sends per block (q, k, v and o: 4 tensors of L/8 x D bf16, 7/8 of each leaves the rank;
-twice that in a JVP, which carries tangents), BW the per-GPU all-to-all bandwidth assumed (--a2a-gbs, default
-450 GB/s: NVLink 4's 18 links x 25 GB/s per direction, a spec peak, so the estimate is optimistic); the FSDP
-weight all-gathers and gradient reduce-scatters are listed separately (overlappable with compute).
+twice that in a JVP, which carries tangents, and in a backward under full checkpointing, which recomputes), BW
+the per-GPU all-to-all bandwidth assumed (--a2a-gbs, default 450 GB/s: NVLink 4's 18 links x 25 GB/s per
+direction, a spec peak, so the estimate is optimistic); the FSDP weight all-gathers and gradient reduce-scatters
+are listed separately (overlappable with compute). With --passes-from a 14B torchrun run (`--model 14B
+--cp-degree 8`), the projection sits next to the measured step.
 
     PYTHONPATH=. python tests/benchmarks/bench_wan_step.py --out runs/wan [--activation-checkpoint full,selective]
         [--attention fused,math-jvp] [--phases forward,jvp,fwd_bwd,step]
@@ -683,7 +685,10 @@ def projection_cp(block: dict, passes: list[dict] | None, a2a_gbs: float) -> dic
         "backward": n * (bl["fwd_bwd"] - bl["forward"]) + rest["fwd_bwd"] - rest["forward"],
     }
     compute_ms = fwd_rows * per_row_ms["forward"] + jvp_rows * per_row_ms["jvp"] + bwd_rows * per_row_ms["backward"]
-    a2a_calls = n * (4 * fwd_rows + 8 * jvp_rows + 4 * bwd_rows)  # q, k, v, o (and their tangents / gradients)
+    # q, k, v, o per forward, and their tangents in a JVP; a backward moves the four gradients, and under full
+    # checkpointing first repeats the forward's four in its recompute (selective keeps the attention outside)
+    bwd_a2a = 8 if block["activation_checkpointing"] == "full" else 4
+    a2a_calls = n * (4 * fwd_rows + 8 * jvp_rows + bwd_a2a * bwd_rows)
     a2a_ms = a2a_calls * a2a_bytes / (a2a_gbs * 1e9) * 1e3
     # parameters of the whole net from the 1- and 3-block nets: rest + n blocks
     p1, p3 = (setting["params"][k] for k in sorted(setting["params"]))
@@ -695,7 +700,7 @@ def projection_cp(block: dict, passes: list[dict] | None, a2a_gbs: float) -> dic
     reduce_ms = backwards * params * 4 * (cp - 1) / cp / (a2a_gbs * 1e9) * 1e3
     return {
         "formula": f"T = n_fwd * T_fwd + n_jvp * T_jvp + n_bwd * T_bwd + all-to-all; T_k = {n} * t_block_k + t_rest_k "
-        f"(one rank, measured); all-to-all = {n} blocks x (4 n_fwd + 8 n_jvp + 4 n_bwd) calls x bytes / BW",
+        f"(one rank, measured); all-to-all = {n} blocks x (4 n_fwd + 8 n_jvp + {bwd_a2a} n_bwd) calls x bytes / BW",
         "config": block["config"],
         "cp_degree": cp,
         "params": params,
