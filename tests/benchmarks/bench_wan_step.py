@@ -596,7 +596,8 @@ def bench_block(args, device: torch.device, out: dict, save) -> None:
     rank_latent = (
         (full_latent[0], full_latent[1], full_latent[2] // cp, full_latent[3]) if args.tiny else LATENT_CP8_RANK
     )
-    settings = {"all_tokens": (full_latent, 1), f"cp{cp}_rank": (rank_latent, cp)}
+    # the rank's share first: the projection needs it, so a run cut short still has it
+    settings = {f"cp{cp}_rank": (rank_latent, cp), "all_tokens": (full_latent, 1)}
     depths = (1, 3)
     mixed = "bfloat16" if device.type == "cuda" else "none"
     pconfig = ParallelConfig(activation_checkpointing=args.activation_checkpoint.split(",")[0], mixed_precision=mixed)
@@ -636,11 +637,13 @@ def bench_block(args, device: torch.device, out: dict, save) -> None:
                 * (cfg["num_attention_heads"] // split)
             )
             per_row = phase_flops(flops)
-            fns["forward"]()
             res["depths"][depth] = {}
-            for name, fn in fns.items():
+            failed = guarded(fns["forward"], device, "forward")  # FSDP one-rank units: a forward before the JVP
+            for name, fn in fns.items() if failed is None else ():
                 res["depths"][depth][name] = run_phase(name, fn, device, reps, warmup, per_row[name], peak)
                 save()
+            if failed:
+                res["depths"][depth] = {"forward": failed}
             del model, fns
             gc.collect()
             if device.type == "cuda":
@@ -802,6 +805,8 @@ def main() -> None:
         header["triton"] = triton.__version__
     say(f"== { ({k: v for k, v in header.items() if k != 'flop_formula'}) }", flush=True)
     tag = f"_{args.label}" if args.label else ""
+    if "math-jvp" in args.attention and dist.get_world_size() > 1:
+        raise SystemExit("--attention math-jvp replaces the Ulysses core: run it on one GPU")
     if args.block_only and dist.get_world_size() > 1:
         raise SystemExit("--block-only emulates one CP rank on one GPU: run it without torchrun")
     if args.block_only:
