@@ -236,7 +236,11 @@ def init_process(device: str) -> torch.device:
 
 
 def rank0() -> bool:
-    return dist.get_rank() == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def say(*args, **kwargs) -> None:
@@ -410,7 +414,7 @@ def oom_text(r: dict) -> str:
 def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model_flops: float, peak: float | None):
     try:
         t = time_fn(fn, device, reps, warmup)
-        if dist.get_world_size() > 1:  # the largest over ranks; every rank times the same collective-bound step
+        if world() > 1:  # the largest over ranks; every rank times the same collective-bound step
             peak_t = torch.tensor([t["peak_gib"]], device=device)
             dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
             t["peak_gib"] = float(peak_t.item())
@@ -428,7 +432,7 @@ def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model_flops /= dist.get_world_size()  # per GPU: the ranks share one sample's work (CP) or the batch
+    model_flops /= world()  # per GPU: the ranks share one sample's work (CP) or the batch
     tflops = model_flops / t["s"] / 1e12
     rec = {"ms": round(t["s"] * 1e3, 2), "all_ms": [round(s * 1e3, 2) for s in t["all_s"]],
            "peak_gib": round(t["peak_gib"], 3), "model_tflop": model_flops / 1e12, "tflops": tflops,
@@ -739,10 +743,15 @@ def step_table(rows: list[dict]) -> str:
         s = r.get("step") or {}
         tf = "" if "tflops" not in s else f"{s['tflops']:.1f}"
         pk = "" if "peak_gib" not in s or s.get("oom") else f"{s['peak_gib']:.1f}"
-        build = f" (build: {oom_text(r['build'])})" if "build" in r else ""
+        build = f" (build: {fmt_phase(r['build'])})" if "build" in r else ""
+        jvp = fmt_phase(r.get("jvp"))
+        f, j = r.get("forward") or {}, r.get("jvp") or {}
+        if "ms" in f and "ms" in j:  # the JVP in forwards, against its FLOP floor (JVP / forward model FLOPs)
+            fl = r["flops_per_row"]
+            jvp += f" = {j['ms'] / f['ms']:.2f}x fwd (floor {fl['jvp'] / fl['forward']:.2f}x)"
         gpus = f" on {r['world_size']} ranks, CP={r['cp_degree']}" if r.get("world_size", 1) > 1 else ""
         lines.append(f"| Wan2.1 {r['model']}{gpus}{build} | {r['attention']} | {r['activation_checkpointing']} | "
-                     f"{r['tokens']} | {fmt_phase(r.get('forward'))} | {fmt_phase(r.get('jvp'))} | "
+                     f"{r['tokens']} | {fmt_phase(r.get('forward'))} | {jvp} | "
                      f"{fmt_phase(r.get('fwd_bwd'))} | {fmt_phase(s)} | {tf} | {pk} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -167,3 +167,29 @@ def test_two_ranks_with_context_parallel_build_shards_on_meta(tmp_path):
     _finite_timing(row["step"])
     # the model FLOPs are the whole step's, split over the ranks for the per-GPU rate
     assert row["step"]["model_tflop"] == pytest.approx(row["step_flops"] / 2 / 1e12, rel=1e-12)
+
+
+# the message torch's CUDA caching allocator raises (torch 2.x wording)
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 24.00 GiB. GPU 0 has a total capacity of 139.81 GiB of which 3.12 GiB "
+    "is free. Including non-PyTorch memory, this process has 136.68 GiB memory in use. Of the allocated memory "
+    "118.50 GiB is allocated by PyTorch, and 8.20 GiB is reserved by PyTorch but unallocated."
+)
+
+
+def test_an_out_of_memory_phase_is_recorded_not_raised():
+    import torch
+
+    bench = _script()
+
+    def jvp():
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    rec = bench.run_phase("jvp", jvp, torch.device("cpu"), reps=1, warmup=1, model_flops=1e12, peak=None)
+    assert rec["oom"] and (rec["tried_gib"], rec["allocated_gib"], rec["capacity_gib"]) == (24.0, 118.5, 139.81)
+    assert bench.oom_text(rec) == "OOM at 118.5 GiB, asking 24.0 GiB more"
+    row = {"model": "1.3B", "attention": "math-jvp", "activation_checkpointing": "full", "tokens": 32760,
+           "forward": {"ms": 500.0, "mfu": 0.5}, "jvp": rec, "step": rec}  # fmt: skip
+    assert "| math-jvp | full | 32760 | 500.0 ms, 50.0% MFU | OOM at 118.5 GiB, asking 24.0 GiB more |" in (
+        bench.step_table([row])
+    )
