@@ -466,11 +466,18 @@ def phase_fns(model: FlowModel, task: RandomLatentTask, device: torch.device) ->
     return {"forward": forward, "jvp": jvp, "fwd_bwd": fwd_bwd}
 
 
+def mixed_precision(args, device: torch.device) -> str:
+    """FSDP2's mixed precision: bf16 blocks with the float32 time path on CUDA (as torchrun_rcm.py), else none."""
+    if args.mixed_precision != "auto":
+        return args.mixed_precision
+    return "bfloat16" if device.type == "cuda" else "none"
+
+
 def build_distiller(args, config: dict, device: torch.device, attention: str, ac: str, task: RandomLatentTask):
     """The Distiller as scripts/torchrun_rcm.py builds it (net_copier: FSDP2, bf16 mixed precision on CUDA)."""
     from rcm_core.teachers import FAMILIES
 
-    mixed = "bfloat16" if device.type == "cuda" else "none"
+    mixed = mixed_precision(args, device)
     pconfig = ParallelConfig(activation_checkpointing=ac, mixed_precision=mixed, cp_degree=args.cp_degree)
     dims = ParallelDims.from_config(pconfig, dist.get_world_size())
     dims.build_mesh(device.type)
@@ -603,7 +610,7 @@ def bench_block(args, device: torch.device, out: dict, save) -> None:
     # the rank's share first: the projection needs it, so a run cut short still has it
     settings = {f"cp{cp}_rank": (rank_latent, cp), "all_tokens": (full_latent, 1)}
     depths = (1, 3)
-    mixed = "bfloat16" if device.type == "cuda" else "none"
+    mixed = mixed_precision(args, device)
     pconfig = ParallelConfig(activation_checkpointing=args.activation_checkpoint.split(",")[0], mixed_precision=mixed)
     dims = ParallelDims.from_config(pconfig, dist.get_world_size())
     dims.build_mesh(device.type)
@@ -782,6 +789,12 @@ def main() -> None:
     ap.add_argument("--attention", default="fused", help="comma-separated of fused, math-jvp, math")
     ap.add_argument("--activation-checkpoint", default="full", help="comma-separated of none, selective, full")
     ap.add_argument("--phases", default="forward,jvp,fwd_bwd,step")
+    ap.add_argument(
+        "--mixed-precision",
+        choices=["auto", "none", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 on CUDA, none on a CPU (bfloat16 there checks the GPU's precision path)",
+    )
     ap.add_argument("--reps", type=int, default=3, help="timed calls of forward / JVP / fwd+bwd (median)")
     ap.add_argument("--steps", type=int, default=2, help="timed rCM steps (median), after one warm-up step")
     ap.add_argument("--cp-degree", type=int, default=1, help="under torchrun: ranks splitting each sample's tokens")
