@@ -34,7 +34,7 @@ if [ "${1:-}" = prepare ]; then
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl $pins || exit 1
-  ls -l .whl
+  sha256sum .whl/*.whl
   exit 0
 fi
 [ -n "${OUT:-}" ] || { echo "OUT is not set (the device tool sets it)"; exit 2; }

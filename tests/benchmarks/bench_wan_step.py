@@ -680,13 +680,15 @@ def block_split(by_depth: dict, depths: tuple[int, int]) -> dict:
 def projection_cp(block: dict, passes: list[dict] | None, a2a_gbs: float) -> dict:
     """T_step of the whole net (14B; tiny in the smoke check) under CP, from one rank's block / rest times and the
     counted passes of a measured rCM step (module doc). Estimated from measurements, not measured itself."""
+    if "config" not in block:
+        return {"note": "no block timings yet"}
     cfg, cp = WAN_CONFIGS[block["config"]], block["cp_degree"]
-    setting = block["settings"].get(f"cp{cp}_rank")
+    setting = block.get("settings", {}).get(f"cp{cp}_rank")
     if passes is None or setting is None or any(v is None for v in setting.get("block_ms", {None: None}).values()):
         return {"note": "needs the rank's block timings (no OOM) and a step's counted passes (--passes-from)"}
     n = cfg["num_layers"]
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    tokens = block["settings"]["all_tokens"]["tokens_rank"]
+    tokens = setting["self_attention_tokens"]  # all of the sample's tokens
     # one all-to-all: a (L / cp, D) bf16 tensor per rank, (cp - 1) / cp of it leaves the rank
     a2a_bytes = tokens / cp * d * 2 * (cp - 1) / cp
     fwd_rows = sum(p["rows"] for p in passes if not p["jvp"])
@@ -838,16 +840,16 @@ def main() -> None:
             step_rows = json.loads(args.passes_from.read_text())["rows"]
             passes = next((r["step_passes"] for r in step_rows if r.get("step_passes")), None)
 
-        def save_block(projection: bool = False) -> None:
-            if projection:
-                result["projection"] = projection_cp(result["block"], passes, args.a2a_gbs)
+        def save_block() -> None:
+            # from the rank's share alone, so a run cut short during the all-tokens setting still has it
+            result["projection"] = projection_cp(result["block"], passes, args.a2a_gbs)
             md = f"{header['date']}, {header['device']}, torch {header['torch']}, {' '.join(sys.argv[1:])}\n\n"
             md += block_table(result["block"]) + "\n" + json.dumps(result.get("projection", {}), indent=1) + "\n"
             (args.out / f"wan_block{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
             (args.out / f"wan_block{tag}.md").write_text(md)
 
         bench_block(args, device, result["block"], save_block)
-        save_block(projection=True)
+        save_block()
         say((args.out / f"wan_block{tag}.md").read_text(), flush=True)
         dist.destroy_process_group()
         return
