@@ -443,24 +443,30 @@ def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model
 
 
 # ------------------------------------------------------------------------------------------------- full step
-def phase_fns(model: FlowModel, task: RandomLatentTask, device: torch.device) -> dict:
-    """forward / JVP / fwd+bwd of `model` on one sample drawn from `task` at TrigFlow time 0.7."""
+def phase_fns(model: FlowModel, task: RandomLatentTask, device: torch.device, autocast: bool = False) -> dict:
+    """forward / JVP / fwd+bwd of `model` on one sample drawn from `task` at TrigFlow time 0.7 (under bf16
+    autocast when the Distiller's losses run under it)."""
     gen = torch.Generator(device=device).manual_seed(1)
     x0, cond = task.sample(1, generator=gen)
     x_t = torch.randn(x0.shape, generator=gen, device=device)
     v = torch.randn(x0.shape, generator=gen, device=device)
     t = torch.full((1,), 0.7, device=device)  # TrigFlow time, float32 as the Distiller draws it
 
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             return model(x_t, t, cond)
 
     def jvp():  # as sCM runs it: tangents (dx_t/dt, 1) in (x_t, t)
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             return torch.func.jvp(lambda x, tt: model(x, tt, cond), (x_t, t), (v, torch.ones_like(t)))
 
     def fwd_bwd():
-        model(x_t, t, cond).float().square().mean().backward()
+        with amp():
+            loss = model(x_t, t, cond).float().square().mean()
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     return {"forward": forward, "jvp": jvp, "fwd_bwd": fwd_bwd}
@@ -473,8 +479,14 @@ def mixed_precision(args, device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "none"
 
 
+def autocast_on(args, device: torch.device) -> bool:
+    """bf16 autocast around the losses: on CUDA by default, as the worker's Distiller (rcm_core.pipeline)."""
+    return args.autocast == "on" or (args.autocast == "auto" and device.type == "cuda")
+
+
 def build_distiller(args, config: dict, device: torch.device, attention: str, ac: str, task: RandomLatentTask):
-    """The Distiller as scripts/torchrun_rcm.py builds it (net_copier: FSDP2, bf16 mixed precision on CUDA)."""
+    """The Distiller as the worker builds it on CUDA (rcm_core.pipeline.build_distiller: bf16 autocast around the
+    losses) with the networks copied as scripts/torchrun_rcm.py does (net_copier: FSDP2, bf16 mixed precision)."""
     from rcm_core.teachers import FAMILIES
 
     mixed = mixed_precision(args, device)
@@ -496,7 +508,8 @@ def build_distiller(args, config: dict, device: torch.device, attention: str, ac
             torch.manual_seed(0)
             net = build_wan_net(config, device, backend)
         copy_net = net_copier(parallel_dims=dims, config=pconfig, device=device)
-    distiller = Distiller(dconfig, net, task, parameterization="rf", copy_net=copy_net, device=device)
+    amp = autocast_on(args, device)
+    distiller = Distiller(dconfig, net, task, parameterization="rf", copy_net=copy_net, device=device, autocast=amp)
     del net  # the four copies (teacher, student, EMA, fake score) are all the step needs
     if attention == "math-jvp":
         math_attention_in_jvp(inner_net(distiller.student))
@@ -556,10 +569,10 @@ def bench_config(args, config: dict, device: torch.device, attention: str, ac: s
         save()
         return
     distiller, pconfig = built.pop()
-    row["mixed_precision"] = pconfig.mixed_precision
+    row["mixed_precision"], row["autocast"] = pconfig.mixed_precision, distiller.autocast
     student = distiller.student
     row["params_b"] = sum(p.numel() for p in student.parameters()) / 1e9
-    fns = phase_fns(student, task, device)
+    fns = phase_fns(student, task, device, autocast=distiller.autocast)
     flops = wan_flops(config, tokens, text_len)
     per_row = phase_flops(flops)
     row["flops_per_row"] = {**flops, **per_row}
@@ -637,7 +650,7 @@ def bench_block(args, device: torch.device, out: dict, save) -> None:
             if split > 1:
                 emulate_ulysses(model.net, split)
             task = RandomLatentTask(latent=latent, text_len=text_len, text_dim=base["text_dim"], device=device)
-            fns = phase_fns(model, task, device)
+            fns = phase_fns(model, task, device, autocast=autocast_on(args, device))
             # per-rank model FLOPs: token-wise terms at the rank's tokens, self-attention for its heads over all
             flops = wan_flops(cfg, tokens_rank, text_len)
             flops["attn_self"] = (
@@ -796,6 +809,12 @@ def main() -> None:
         choices=["auto", "none", "bfloat16"],
         default="auto",
         help="auto: bfloat16 on CUDA, none on a CPU (bfloat16 there checks the GPU's precision path)",
+    )
+    ap.add_argument(
+        "--autocast",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="bf16 autocast around the losses and phases; auto: on CUDA (as the worker), off on a CPU",
     )
     ap.add_argument("--reps", type=int, default=3, help="timed calls of forward / JVP / fwd+bwd (median)")
     ap.add_argument("--steps", type=int, default=2, help="timed rCM steps (median), after one warm-up step")

@@ -36,12 +36,12 @@ def _finite_timing(rec: dict) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("wan_bench")
     # math-jvp: the JVP's self-attention goes through the script's dispatch (on a CPU all attention is math);
-    # bf16 FSDP mixed precision with the float32 time path, as on the GPU
+    # bf16 FSDP mixed precision with the float32 time path and bf16 autocast, the GPU's defaults
     step = _run("--out", str(out), "--attention", "math-jvp", "--activation-checkpoint", "selective", "--steps", "1",
-                "--mixed-precision", "bfloat16", "--peak-tflops-cpu")  # fmt: skip
+                "--mixed-precision", "bfloat16", "--autocast", "on", "--peak-tflops-cpu")  # fmt: skip
     assert step.returncode == 0, step.stdout[-3000:] + step.stderr[-3000:]
-    block = _run("--out", str(out), "--block-only", "--mixed-precision", "bfloat16", "--passes-from",
-                 str(out / "wan_step.json"))  # fmt: skip
+    block = _run("--out", str(out), "--block-only", "--mixed-precision", "bfloat16", "--autocast", "on",
+                 "--passes-from", str(out / "wan_step.json"))  # fmt: skip
     assert block.returncode == 0, block.stdout[-3000:] + block.stderr[-3000:]
     return out
 
@@ -50,7 +50,7 @@ def test_step_table_and_json_have_finite_numbers(runs):
     result = json.loads((runs / "wan_step.json").read_text())
     md = (runs / "wan_step.md").read_text()
     assert result["device"] == "cpu" and "F = Lin_x + Lin_c + A_s + A_c" in result["flop_formula"]
-    assert {r["mixed_precision"] for r in result["rows"]} == {"bfloat16"}
+    assert {(r["mixed_precision"], r["autocast"]) for r in result["rows"]} == {("bfloat16", True)}
     assert [(r["attention"], r["activation_checkpointing"]) for r in result["rows"]] == [("math-jvp", "selective")]
     for row in result["rows"]:
         for phase in (*PHASES, "step"):
