@@ -4,8 +4,9 @@ A script, not a test. It builds the published Wan2.1-T2V-1.3B transformer config
 with the real `diffusers.WanTransformer3DModel` class, directly on the device, wraps it as the project does
 (`rcm_core.teachers.wan.WanNet.from_diffusers`), and builds the Distiller the way `scripts/torchrun_rcm.py` does
 (`net_copier`: FSDP2 on one rank carrying bf16 mixed precision with the float32 time path, the chosen activation
-checkpointing). Then, at 480p x 81 frames (latent 16 x 21 x 60 x 104 -> 21 x 30 x 52 = 32,760 tokens; text 512 x
-4096, CFG 5.0 as the Wan pipeline), it times
+checkpointing), with bf16 autocast around the losses as the worker's Distiller has on CUDA. Then, at 480p x 81
+frames (latent 16 x 21 x 60 x 104 -> 21 x 30 x 52 = 32,760 tokens; text 512 x 4096, CFG 5.0 as the Wan pipeline),
+it times
   forward   student(x_t, t, cond) under no_grad;
   JVP       torch.func.jvp of the student in (x_t, t), as sCM runs it (primal + tangent);
   fwd+bwd   student(x_t, t, cond) -> backward;
