@@ -1,0 +1,83 @@
+#!/bin/bash
+# Issue 17 item 6: the rCM step of Wan2.1-T2V-1.3B at 480p x 81 frames and one Wan2.1-14B block, on one H200.
+# Written and NOT yet run: device loans were paused on 2026-12-05 (the day it was written). Three parts:
+#
+#   1. here, with network access (once per checkout; the wheels are git-ignored, so a fresh checkout needs it):
+#        bash docs/perf/pending_gpu_run_wan.sh prepare
+#      downloads the diffusers and accelerate wheels pinned in constraints.txt into .whl/ (6.7 MB). The GPU image
+#      has no diffusers and no network; it has torch 2.11, triton 3.6 and huggingface_hub 1.33 (diffusers 0.42.1
+#      needs >=1.32: used as it is there; the pinned 2.4.0 would need httpx2, which the image lacks).
+#   2. on the GPU, one call of the device tool (kind nvidia-h200, timeout_s 600, carry [".whl"]):
+#        bash docs/perf/pending_gpu_run_wan.sh
+#      installs the wheels into /tmp/site and runs, each under its own time limit (420 s in all, so that with
+#      the machine's start the call stays under 9 minutes of device time; a part cut short keeps every phase it
+#      finished, as the script writes its JSON and table after each):
+#        A (180 s) 1.3B, fused attention, full checkpointing: forward, JVP, fwd+bwd and the rCM step
+#        B (100 s) 14B: one block at 32,760 tokens and at a CP=8 rank's share, and the 14B-on-8-GPUs projection
+#                  from A's counted passes
+#        C  (50 s) 1.3B, math attention in the JVP (expected: out of memory; recorded, not raised)
+#        D  (90 s) 1.3B, fused attention: the rCM step under selective and no checkpointing
+#      Tables go to stdout and $OUT (wan_*.md), everything (JSON, logs) into $OUT/results.tar.gz.
+#   3. when the 8-GPU kind is lent (nvidia-h200-x8, timeout_s 600, carry [".whl"]):
+#        bash docs/perf/pending_gpu_run_wan.sh 14b-cp8
+#      the real 14B rCM step on 8 GPUs with CP=8 (torchrun; nets built on meta, each rank materialising its
+#      shards), then the one-GPU block measurement on GPU 0 with the projection from that run's own counted
+#      passes: the measured step and its projection side by side.
+# Smoke check of this script on a CPU (tiny configs, same parts and files): PY=.venv/bin/python EXTRA=--tiny
+#   OUT=/tmp/wan bash docs/perf/pending_gpu_run_wan.sh
+set -u
+PY=${PY:-python3}
+if [ "${1:-}" = prepare ]; then
+  pins=$(grep -E '^(diffusers|accelerate)==' constraints.txt)
+  mkdir -p .whl
+  # pure-Python wheels; the platform flags only satisfy pip's --python-version rule (the GPU image runs 3.12)
+  $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl $pins || exit 1
+  sha256sum .whl/*.whl
+  exit 0
+fi
+[ -n "${OUT:-}" ] || { echo "OUT is not set (the device tool sets it)"; exit 2; }
+ls .whl/diffusers-*.whl > /dev/null || { echo "no .whl/diffusers-*.whl: run 'bash $0 prepare' here first"; exit 2; }
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+$PY -c "import torch, triton, diffusers, accelerate, huggingface_hub as h; print('torch', torch.__version__,
+  'triton', triton.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__,
+  'huggingface_hub', h.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \
+  || exit 1
+R=$OUT/r
+mkdir -p "$R"
+B=tests/benchmarks/bench_wan_step.py
+# NVLink multicast stays off (the device notes: it can take a shared host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+run() {  # run SECONDS LOG ARGS...: one part under its own limit, its output kept whole in LOG
+  local limit=$1 log=$2
+  shift 2
+  echo "== $*"
+  timeout "$limit" $PY $B --out "$R" ${EXTRA:-} "$@" > "$R/$log" 2>&1
+  echo "   exit $? ($log)"
+}
+if [ "${1:-}" = 14b-cp8 ]; then
+  echo "== torchrun, 8 ranks: 14B rCM step, CP=8"
+  timeout 330 $PY -m torch.distributed.run --nproc-per-node 8 --master-addr 127.0.0.1 $B --out "$R" ${EXTRA:-} \
+    --model 14B --cp-degree 8 --attention fused --activation-checkpoint full --phases step --steps 2 \
+    --label 14b_cp8 > "$R/e_14b_cp8.log" 2>&1
+  echo "   exit $? (e_14b_cp8.log)"
+  CUDA_VISIBLE_DEVICES=0 run 150 f_block14b.log --block-only --reps 2 --passes-from "$R/wan_step_14b_cp8.json" \
+    --label 14b_cp8_projection
+else
+run 180 a_fused_full.log --attention fused --activation-checkpoint full --reps 2 --steps 2 --label fused_full
+run 100 b_block14b.log --block-only --reps 2 --passes-from "$R/wan_step_fused_full.json" --label 14b
+run 50 c_mathjvp.log --attention math-jvp --activation-checkpoint full --phases forward,jvp,step --steps 1 \
+  --label mathjvp_full
+run 90 d_fused_ac.log --attention fused --activation-checkpoint selective,none --phases step --steps 1 \
+  --label fused_selective_none
+fi
+for f in "$R"/wan_*.md; do
+  [ -f "$f" ] || continue
+  echo "== $(basename "$f")"
+  sed '/^Model FLOPs:/,$d' "$f"
+  cp "$f" "$OUT/"
+done
+(cd "$OUT" && tar czf results.tar.gz r && rm -rf r)
