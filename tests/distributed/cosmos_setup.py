@@ -51,7 +51,7 @@ class RandomVideoLatentTask:
 
 
 def teacher_net(device="cpu") -> CosmosNet:
-    """A tiny random Cosmos transformer (2 layers, 2 heads of dim 12) as the project's net, in the default dtype."""
+    """A tiny random Cosmos transformer (2 layers, 2 heads of dim 16) as the project's net, in the default dtype."""
     model = build_tiny_cosmos(seed=0).to(torch.get_default_dtype())
     return CosmosNet.from_diffusers(model, attention_backend="math").to(device)
 
