@@ -40,6 +40,27 @@ def test_triton_only_in_kernels():
             assert "triton" not in _imports(f), f
 
 
+def test_diffusers_only_in_teachers():
+    # diffusers costs ~5 s of import: only the teacher families (and the worker/task code that loads them)
+    # may import it, so plain rcm_core users and the toy tasks never pay for it
+    allowed = {"teachers"}
+    offenders = [
+        str(f.relative_to(ROOT))
+        for f in (ROOT / "rcm_core").rglob("*.py")
+        if not allowed & set(f.parts) and "diffusers" in _imports(f)
+    ]
+    assert not offenders
+
+
+def test_importing_rcm_core_tasks_does_not_import_diffusers():
+    import subprocess
+    import sys
+
+    code = "import sys, rcm_core.tasks, rcm_core.teachers; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
 def _module_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
     """Module -> the project modules it imports (anywhere in the file: a function-level import runs too).
 
