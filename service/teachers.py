@@ -26,10 +26,12 @@ CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 1 << 20  # a transformer's config.json is under 2 KiB; anything larger is not one
 SUPPORTED = ", ".join(f"{cls} ({fam})" for fam, cls in FAMILY_CLASSES.items())
 # config.json keys that mark variants a family does not support: (family, key, what it means). A key counts when
-# present and not null (Wan: image-to-video adds an image projection; Cosmos-Predict2.5 an image context).
+# present and not null (Wan: image-to-video adds an image projection, FLF2V a position embedding;
+# Cosmos-Predict2.5 an image context).
 UNSUPPORTED_VARIANTS = (
     ("wan2.1", "image_dim", "a Wan image-to-video transformer (image_dim is set); wan2.1 is text-to-video"),
     ("wan2.1", "added_kv_proj_dim", "a Wan image-to-video transformer (added_kv_proj_dim is set)"),
+    ("wan2.1", "pos_embed_seq_len", "a Wan first-last-frame-to-video transformer (pos_embed_seq_len is set)"),
     ("cosmos-predict2", "img_context_dim_in", "a Cosmos-Predict2.5 / Transfer transformer (img_context_dim_in)"),
 )
 
@@ -93,7 +95,12 @@ def _shape_errors(spec: JobCreate, config: dict[str, Any]) -> Errors:
     if any(n % p for n, p in zip(shape[1:], patch, strict=True)):
         msg = f"(F, H, W) = {tuple(shape[1:])} is not divisible by the teacher's patch_size {tuple(patch)}"
         return errors + [_error(loc_shape, msg, shape)]
-    tokens = math.prod(n // p for n, p in zip(shape[1:], patch, strict=True))
+    grid = [n // p for n, p in zip(shape[1:], patch, strict=True)]
+    rope_len = config.get("rope_max_seq_len")  # Wan: RoPE positions per axis
+    if isinstance(rope_len, int) and max(grid) > rope_len:
+        msg = f"the latent's grid {tuple(grid)} after patch_size exceeds the teacher's rope_max_seq_len {rope_len}"
+        errors.append(_error(loc_shape, msg, shape))
+    tokens = math.prod(grid)
     if heads % cp:
         msg = f"the teacher's num_attention_heads ({heads}) is not divisible by cp_degree ({cp}): Ulysses gives every"
         errors.append(_error(loc_cp, msg + " worker whole heads", cp))

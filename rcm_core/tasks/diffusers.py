@@ -139,7 +139,13 @@ def check_teacher_config(config: dict, cfg: DistillConfig, cp_degree: int):
     patch = list(config.get("patch_size") or [1, 1, 1])
     if any(n % p for n, p in zip(shape[1:], patch, strict=True)):
         raise ConfigError(f"data.latent_shape: (F, H, W) = {tuple(shape[1:])} is not divisible by patch_size {patch}")
-    tokens = math.prod(n // p for n, p in zip(shape[1:], patch, strict=True))
+    grid = [n // p for n, p in zip(shape[1:], patch, strict=True)]
+    rope_len = config.get("rope_max_seq_len")  # Wan: RoPE positions per axis
+    if isinstance(rope_len, int) and max(grid) > rope_len:
+        raise ConfigError(
+            f"data.latent_shape: the grid {tuple(grid)} after patch_size exceeds rope_max_seq_len {rope_len}"
+        )
+    tokens = math.prod(grid)
     try:
         check_ulysses(int(config.get("num_attention_heads", 1)), cp_degree, tokens, "latent_shape / patch_size")
     except ValueError as exc:
