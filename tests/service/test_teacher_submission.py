@@ -190,3 +190,37 @@ def test_teacher_errors_never_read_more_than_the_cap():
     assert [e["loc"] for e in errors] == [("body", "teacher", "uri")] and "not a diffusers model config" in errors[0][
         "msg"
     ]
+
+
+def test_upload_folder_then_submit_it(app_and_tokens, tmp_path):
+    """`RcmClient.upload_folder` (`rcm upload DIR`) puts a save_pretrained folder's files under NAME/ and returns
+    the folder URI a job names; the job is queued."""
+    from rcm_client import RcmClient
+
+    client, tokens, cluster, _ = app_and_tokens
+    import diffusers
+
+    model = diffusers.WanTransformer3DModel(**WAN)
+    model.save_pretrained(str(tmp_path / "transformer"), max_shard_size="40KB")
+    rcm = RcmClient("http://testserver", tokens["a"])
+    rcm.http = client  # the in-process app (TestClient is an httpx.Client)
+    client.headers["Authorization"] = f"Bearer {tokens['a']}"
+    try:
+        out = rcm.upload_folder(tmp_path / "transformer", "mine/transformer")
+    finally:
+        del client.headers["Authorization"]
+    assert out["uri"] == OWN + "mine/transformer/"
+    files = {p.name for p in (tmp_path / "transformer").iterdir()}
+    assert {k.removeprefix("tenants/tenant-a/mine/transformer/") for b, k in cluster.objects if "mine/" in k} == files
+    assert "diffusion_pytorch_model.safetensors.index.json" in files  # sharded: 2+ shards and the index
+    r = _submit(app_and_tokens, spec("mine/transformer/"))
+    assert r.status_code == 202, r.text
+
+
+def test_rcm_upload_of_an_empty_folder_exits_2_with_one_line(tmp_path, capsys):
+    from rcm_client.cli import run_job_command
+
+    (tmp_path / "empty").mkdir()
+    assert run_job_command(["--url", "http://127.0.0.1:9", "upload", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no files in this folder" in err
