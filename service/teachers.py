@@ -1,8 +1,9 @@
 """Submission checks of a diffusers teacher (teacher.uri s3://bucket/prefix/, a transformer folder): before a job
 is queued, the API reads the folder's config.json (from the caller's own input prefix, size-capped) and refuses
 with a 422 naming the field what the workers would refuse only minutes later:
-- body.teacher.uri: no config.json (not a diffusers transformer folder), not a JSON object, an unsupported
-  `_class_name`, or a variant its family does not support (Wan image-to-video, Cosmos Video2World / 2.5);
+- body.teacher.uri: no config.json (not a diffusers transformer folder), no safetensors weights, not a JSON
+  object, an unsupported `_class_name`, or a variant its family does not support (Wan image-to-video and
+  first-last-frame, Cosmos Video2World / 2.5);
 - body.teacher.family: the family the spec names loads another class than config.json's;
 - body.data.latent_shape: C is not in_channels, or (F, H, W) not divisible by patch_size;
 - body.resources.cp_degree: Ulysses needs num_attention_heads and the latent's tokens divisible by cp_degree.
@@ -23,6 +24,8 @@ from service.schemas import JobCreate
 
 FAMILY_CLASSES = {"wan2.1": "WanTransformer3DModel", "cosmos-predict2": "CosmosTransformer3DModel"}
 CONFIG_NAME = "config.json"
+# the weights from_pretrained reads: one file, or shards named by an index (the worker checks the shards)
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 MAX_CONFIG_BYTES = 1 << 20  # a transformer's config.json is under 2 KiB; anything larger is not one
 SUPPORTED = ", ".join(f"{cls} ({fam})" for fam, cls in FAMILY_CLASSES.items())
 # config.json keys that mark variants a family does not support: (family, key, what it means). A key counts when
@@ -38,23 +41,27 @@ UNSUPPORTED_VARIANTS = (
 Errors = list[dict[str, Any]]
 
 
-def config_key(uri: str) -> tuple[str, str]:
-    """(bucket, key) of the config.json of the teacher folder `uri` (s3://bucket/prefix/)."""
+def folder_key(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix ending in /) of the teacher folder `uri` (s3://bucket/prefix/)."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    return bucket, prefix + CONFIG_NAME
+    return bucket, prefix
 
 
 def _error(loc: tuple[str, ...], msg: str, value: Any) -> dict[str, Any]:
     return {"type": "value_error", "loc": loc, "msg": f"Value error, {msg}", "input": value}
 
 
-def teacher_errors(spec: JobCreate, raw: bytes | None) -> Errors:
+def teacher_errors(spec: JobCreate, raw: bytes | None, files: set[str]) -> Errors:
     """422 errors (FastAPI's format) for the diffusers teacher of `spec`, given its config.json's bytes (None:
-    there is none). `spec.teacher.uri` is a folder under the caller's prefix (checked before anything is read)."""
+    there is none) and the names of the files in its folder. `spec.teacher.uri` is a folder under the caller's
+    prefix (checked before anything is read)."""
     uri, loc_uri = spec.teacher.uri, ("body", "teacher", "uri")
     if raw is None:
         msg = f"no {CONFIG_NAME} under it: not a diffusers transformer folder (the transformer/ folder save_pretrained "
         return [_error(loc_uri, msg + "writes; upload its files with PUT /v1/inputs/FOLDER/FILE)", uri)]
+    if not files & set(WEIGHT_NAMES):
+        msg = f"no weights under it ({' or '.join(WEIGHT_NAMES)} with its shards, as save_pretrained writes them)"
+        return [_error(loc_uri, msg, uri)]
     config = _parse(raw)
     if config is None:
         return [_error(loc_uri, f"its {CONFIG_NAME} is not a diffusers model config (a JSON object)", uri)]

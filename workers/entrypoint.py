@@ -90,7 +90,9 @@ def resolve_family(job: JobConfig) -> str | None:
         raise ConfigError(f"teacher.uri {uri}: config.json is not valid JSON") from None
     if not isinstance(config, dict):
         raise ConfigError(f"teacher.uri {uri}: config.json is not a JSON object")
-    return check_teacher_config(config, job.distill, job.parallel.cp_degree).name
+    family = check_teacher_config(config, job.distill, job.parallel.cp_degree).name
+    storage.check_teacher_weights(uri)
+    return family
 
 
 def resolve_teacher(job: JobConfig) -> tuple[str, str]:

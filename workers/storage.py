@@ -83,6 +83,46 @@ def read_teacher_config(uri: str) -> bytes:
     return body
 
 
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+MAX_INDEX_BYTES = 64 << 20  # a 14B model's index is ~100 KiB
+
+
+def check_teacher_weights(uri: str) -> None:
+    """The diffusers teacher folder `uri` holds the weights from_pretrained reads: diffusion_pytorch_model
+    .safetensors, or an index and every shard it names. Checked before any worker starts (a missing shard would
+    otherwise fail every worker, and be retried).
+
+    Raises:
+        TeacherUnavailable: naming what is missing (never the index's content).
+    """
+    bucket, prefix = split_uri(uri.rstrip("/") + "/")
+    client = s3_client()
+    try:
+        names = {
+            o["Key"].removeprefix(prefix)
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for o in page.get("Contents", [])
+        }
+        if WEIGHTS_NAME in names:
+            return
+        if INDEX_NAME not in names:
+            raise TeacherUnavailable(f"teacher.uri {uri}: no {WEIGHTS_NAME} and no {INDEX_NAME} under it")
+        body = client.get_object(Bucket=bucket, Key=prefix + INDEX_NAME)["Body"].read(MAX_INDEX_BYTES + 1)
+    except (ClientError, BotoCoreError) as exc:
+        raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({s3_reason(exc)})") from None
+    try:
+        weight_map = json.loads(body)["weight_map"]
+        shards = {str(v) for v in weight_map.values()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise TeacherUnavailable(f"teacher.uri {uri}: {INDEX_NAME} is not a safetensors index") from None
+    missing = shards - names
+    if missing or not shards:
+        raise TeacherUnavailable(
+            f"teacher.uri {uri}: {len(missing)} of the {len(shards)} shards {INDEX_NAME} names are not under it"
+        )
+
+
 def download_prefix(uri: str, dest: Path) -> Path:
     """Download the diffusers teacher folder `uri` (s3://bucket/prefix/) to the directory `dest`: config.json and
     the safetensors weights (shards and index), in the layout save_pretrained writes. Sub-folders are not read.

@@ -78,11 +78,13 @@ def folders(app_and_tokens, tmp_path_factory):
         "garbage/": b"SECRET-CONTENT not json",
         "list/": b"[1, 2, 3]",
         "weights-only/": None,
+        "config-only/": wan,
     }
     for name, body in made.items():
         if body is not None:
             cluster.objects[("ckpt", f"tenants/tenant-a/{name}config.json")] = body
-        cluster.objects[("ckpt", f"tenants/tenant-a/{name}diffusion_pytorch_model.safetensors")] = b"weights"
+        if name != "config-only/":
+            cluster.objects[("ckpt", f"tenants/tenant-a/{name}diffusion_pytorch_model.safetensors")] = b"weights"
     cluster.objects[("ckpt", "tenants/tenant-b/wan/config.json")] = wan
     return made
 
@@ -115,6 +117,7 @@ def test_create_job_diffusers_teacher_folder_is_queued(app_and_tokens, folders, 
     [
         ("weights-only/", "not a diffusers transformer folder"),  # no config.json
         ("missing/", "not a diffusers transformer folder"),  # nothing there at all
+        ("config-only/", "no weights under it (diffusion_pytorch_model.safetensors or"),
         ("garbage/", "is not a diffusers model config"),
         ("list/", "is not a diffusers model config"),
         ("unet/", "is not a supported one; supported: WanTransformer3DModel (wan2.1), CosmosTransformer3DModel"),
@@ -186,7 +189,7 @@ def test_teacher_errors_never_read_more_than_the_cap():
 
     job = JobCreate.model_validate(spec("wan/"))
     big = b'{"_class_name": "WanTransformer3DModel", "pad": "' + b"x" * MAX_CONFIG_BYTES + b'"}'
-    errors = teacher_errors(job, big)
+    errors = teacher_errors(job, big, {"config.json", "diffusion_pytorch_model.safetensors"})
     assert [e["loc"] for e in errors] == [("body", "teacher", "uri")] and "not a diffusers model config" in errors[0][
         "msg"
     ]

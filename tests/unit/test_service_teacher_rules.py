@@ -57,7 +57,8 @@ def test_api_refuses_what_the_worker_refuses(tmp_path, cls, overrides, family, l
         "data": {"dataset": "teacher-synthetic", "latent_shape": latent},
         "resources": {"num_workers": cp, "cp_degree": cp},
     }
-    api = teacher_errors(JobCreate.model_validate(payload), json.dumps(config).encode())
+    files = {"config.json", "diffusion_pytorch_model.safetensors"}
+    api = teacher_errors(JobCreate.model_validate(payload), json.dumps(config).encode(), files)
     cfg = config_from_dict(
         {"teacher": {"family": family}, "data": {"dataset": "teacher-synthetic", "latent_shape": latent}},
         base=diffusers_rcm(),

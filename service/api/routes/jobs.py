@@ -23,7 +23,7 @@ from service.schemas import (
     is_teacher_folder,
 )
 from service.settings import get_settings
-from service.teachers import MAX_CONFIG_BYTES, config_key, teacher_errors
+from service.teachers import CONFIG_NAME, MAX_CONFIG_BYTES, folder_key, teacher_errors
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -83,8 +83,10 @@ def create_job(
     if errors:  # an object outside the caller's input prefix: refused before anything reads it
         raise RequestValidationError(errors)
     if is_teacher_folder(spec.teacher.uri):  # a diffusers transformer: its config.json must fit the job
-        raw = cluster.read_input(*config_key(spec.teacher.uri), MAX_CONFIG_BYTES)
-        errors = teacher_errors(spec, raw)
+        bucket, prefix = folder_key(spec.teacher.uri)
+        files = {o["key"].removeprefix(prefix) for o in cluster.list_inputs(bucket, prefix)}
+        raw = cluster.read_input(bucket, prefix + CONFIG_NAME, MAX_CONFIG_BYTES) if CONFIG_NAME in files else None
+        errors = teacher_errors(spec, raw, files)
         if errors:
             raise RequestValidationError(errors)
     cap = get_settings().MAX_WORKERS_PER_JOB
