@@ -210,6 +210,19 @@ class WanNet(TokenNet):
         check_wan_config(dict(model.config))
         return cls(model, attention_backend=attention_backend)
 
+    def to_diffusers(self, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A diffusers WanTransformer3DModel over this net's weights (same storage, dtypes kept), e.g. to
+        `save_pretrained` a student. `state_dict`: full (unsharded) weights, for a net FSDP has sharded (default:
+        this net's own)."""
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config(self.diffusers_config)
+        model.load_state_dict(self.state_dict() if state_dict is None else state_dict, strict=True, assign=True)
+        cfg = model.config  # the RoPE tables are non-persistent buffers (in no state dict): build them for real
+        model.rope = type(model.rope)(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
+        return model.eval()
+
     # -- TokenNet (rcm_core.models.token_net) ---------------------------------------------------------
     def self_attentions(self) -> list:
         return [block.attn1 for block in self.blocks]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-LATENT = (2, 4, 4)  # latent frames, height, width: 2 x 2 x 2 = 8 tokens with patch (1, 2, 2)
+LATENT = (3, 4, 8)  # latent frames, height, width: 3 x 2 x 4 = 24 tokens with patch (1, 2, 2); no two axes alike
 TEXT_LEN = 6
 
 
