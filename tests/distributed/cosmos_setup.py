@@ -1,0 +1,97 @@
+"""The rCM step with a tiny Cosmos-Predict2 teacher (diffusers `CosmosTransformer3DModel` behind `CosmosNet`), for
+the multi-rank parity test: a random video-latent task, the 1-rank reference, and the worker the ranks run.
+
+Shared by the 1-rank reference (in the pytest process) and the N-rank workers, so both build the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rcm_core.checkpoint import load_checkpoint, save_checkpoint
+from rcm_core.distill import Distiller
+from rcm_core.parallel.parallel_dims import ParallelConfig, ParallelDims
+from rcm_core.parallel.parallelize import net_copier
+from rcm_core.teachers.cosmos import CosmosNet
+from tests.distributed import rcm_setup
+from tests.teachers.cosmos_tiny import build_tiny_cosmos
+
+FRAMES, SIZE = 2, 8  # latent T x H x W = 2 x 8 x 8: 2 x 4 x 4 = 32 tokens after patch (1, 2, 2), cp 2 splits them
+TEXT_LEN, TEXT_DIM = 6, 8
+
+
+class RandomVideoLatentTask:
+    """x0 (B, C, T, H, W) ~ N(0, 1) and text {"tokens": (B, Lc, Dc), "mask": (B, Lc)}, right-padded prompts; the
+    null condition is a fixed 'negative prompt' embedding (as the Cosmos pipelines use), not zeros."""
+
+    def __init__(self, *, channels: int, device=None):
+        self.sample_shape = (channels, FRAMES, SIZE, SIZE)
+        self.device = torch.device(device or "cpu")
+
+    def sample(self, batch_size: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        cond = self.sample_cond(batch_size, generator=generator)
+        x0 = torch.randn((batch_size, *self.sample_shape), generator=generator, device=self.device)
+        return x0, cond
+
+    def sample_cond(self, batch_size: int, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        tokens = torch.randn((batch_size, TEXT_LEN, TEXT_DIM), generator=generator, device=self.device)
+        lengths = torch.randint(1, TEXT_LEN + 1, (batch_size,), generator=generator, device=self.device)
+        mask = torch.arange(TEXT_LEN, device=self.device)[None, :] < lengths[:, None]
+        return {"tokens": tokens, "mask": mask}
+
+    def null_cond(self, batch_size: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator(device=self.device).manual_seed(1234)
+        tokens = torch.randn((1, TEXT_LEN, TEXT_DIM), generator=gen, device=self.device)
+        mask = torch.arange(TEXT_LEN, device=self.device)[None, :] < TEXT_LEN // 2
+        return {"tokens": tokens.expand(batch_size, -1, -1), "mask": mask.expand(batch_size, -1)}
+
+
+def teacher_net(device="cpu") -> CosmosNet:
+    """A tiny random Cosmos transformer (2 layers, 2 heads of dim 12) as the project's net, in the default dtype."""
+    model = build_tiny_cosmos(seed=0).to(torch.get_default_dtype())
+    return CosmosNet.from_diffusers(model, attention_backend="math").to(device)
+
+
+def video_task(device="cpu") -> RandomVideoLatentTask:
+    return RandomVideoLatentTask(channels=4, device=device)
+
+
+def reference_run(dtype: torch.dtype = torch.float64) -> dict:
+    """The plain single-process Distiller for NUM_STEPS steps."""
+    with rcm_setup.default_dtype(dtype):
+        d = Distiller(rcm_setup.distill_config(), teacher_net(), video_task(), parameterization="rf", device="cpu")
+        steps = [rcm_setup.record_step(d) for _ in range(rcm_setup.NUM_STEPS)]
+        return {"steps": steps, "final": rcm_setup.final_state(d)}
+
+
+def _parallel_distiller(world: int, dp: int, cp: int, config: ParallelConfig) -> Distiller:
+    dims = ParallelDims(dp_shard_degree=dp, cp_degree=cp, world_size=world)
+    dims.build_mesh("cpu")
+    copy_net = net_copier(parallel_dims=dims, config=config, device="cpu")
+    return Distiller(
+        rcm_setup.distill_config(), teacher_net(), video_task(), parameterization="rf", copy_net=copy_net, device="cpu"
+    )
+
+
+def run_cosmos_rcm_steps(rank: int, world: int, dp: int, cp: int, ac: str, out_path: str, ckpt_root: str) -> None:
+    """NUM_STEPS rCM steps on dp x cp ranks (float64), with a checkpoint before the last one; then a fresh Distiller
+    resumes from it and repeats the last step. Rank 0 writes every step's metrics and gradients and the weights."""
+    torch.use_deterministic_algorithms(True)
+    torch.set_default_dtype(torch.float64)
+    config = ParallelConfig(fsdp_degree=dp, cp_degree=cp, activation_checkpointing=ac)
+    d = _parallel_distiller(world, dp, cp, config)
+    steps, path = [], None
+    for i in range(rcm_setup.NUM_STEPS):
+        if i == rcm_setup.NUM_STEPS - 1:
+            path = save_checkpoint(d, Path(ckpt_root), d.step)
+        steps.append(rcm_setup.record_step(d))
+    result = {"steps": steps, "final": rcm_setup.final_state(d)}
+    resumed = _parallel_distiller(world, dp, cp, config)
+    load_checkpoint(resumed, path)
+    result["resumed_step"] = rcm_setup.record_step(resumed)
+    result["resumed_final"] = rcm_setup.final_state(resumed)
+    if dist.get_rank() == 0:
+        torch.save(result, out_path)
