@@ -554,6 +554,7 @@ def test_wan_teacher_folder_the_job_cannot_use_is_refused_with_the_field(stack, 
     client = RcmClient(API, tok)
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights the API never reads")
     client.upload_folder(tmp_path / "unet", "unet/transformer")
     client.upload(wan_teacher / "diffusion_pytorch_model.safetensors.index.json", "no-config/x.safetensors.index.json")
     before = httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"]
