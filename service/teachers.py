@@ -103,10 +103,12 @@ def _shape_errors(spec: JobCreate, config: dict[str, Any]) -> Errors:
         msg = f"(F, H, W) = {tuple(shape[1:])} is not divisible by the teacher's patch_size {tuple(patch)}"
         return errors + [_error(loc_shape, msg, shape)]
     grid = [n // p for n, p in zip(shape[1:], patch, strict=True)]
-    rope_len = config.get("rope_max_seq_len")  # Wan: RoPE positions per axis
-    if isinstance(rope_len, int) and max(grid) > rope_len:
-        msg = f"the latent's grid {tuple(grid)} after patch_size exceeds the teacher's rope_max_seq_len {rope_len}"
-        errors.append(_error(loc_shape, msg, shape))
+    positions = rope_positions(config, patch)
+    if positions is not None and max(grid) > positions:
+        msg = f"the latent's grid {tuple(grid)} after patch_size exceeds the teacher's {positions} RoPE positions"
+        errors.append(
+            _error(loc_shape, msg + " per axis (Wan: rope_max_seq_len; Cosmos: max_size / patch_size)", shape)
+        )
     tokens = math.prod(grid)
     if heads % cp:
         msg = f"the teacher's num_attention_heads ({heads}) is not divisible by cp_degree ({cp}): Ulysses gives every"
@@ -115,6 +117,16 @@ def _shape_errors(spec: JobCreate, config: dict[str, Any]) -> Errors:
         msg = f"the latent's {tokens} tokens (data.latent_shape / patch_size) are not divisible by cp_degree ({cp})"
         errors.append(_error(loc_cp, msg, cp))
     return errors
+
+
+def rope_positions(config: dict[str, Any], patch: list[int]) -> int | None:
+    """RoPE positions per axis of the patched grid: Wan's rope_max_seq_len, Cosmos's largest max_size / patch."""
+    if isinstance(config.get("rope_max_seq_len"), int):
+        return int(config["rope_max_seq_len"])
+    size = config.get("max_size")
+    if isinstance(size, list) and len(size) == 3 and _positive_ints(size):
+        return max(m // p for m, p in zip(size, patch, strict=True))
+    return None
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:

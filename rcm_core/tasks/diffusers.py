@@ -140,10 +140,10 @@ def check_teacher_config(config: dict, cfg: DistillConfig, cp_degree: int):
     if any(n % p for n, p in zip(shape[1:], patch, strict=True)):
         raise ConfigError(f"data.latent_shape: (F, H, W) = {tuple(shape[1:])} is not divisible by patch_size {patch}")
     grid = [n // p for n, p in zip(shape[1:], patch, strict=True)]
-    rope_len = config.get("rope_max_seq_len")  # Wan: RoPE positions per axis
-    if isinstance(rope_len, int) and max(grid) > rope_len:
+    positions = _rope_positions(config, patch)
+    if positions is not None and max(grid) > positions:
         raise ConfigError(
-            f"data.latent_shape: the grid {tuple(grid)} after patch_size exceeds rope_max_seq_len {rope_len}"
+            f"data.latent_shape: the grid {tuple(grid)} after patch_size exceeds {positions} RoPE positions"
         )
     tokens = math.prod(grid)
     try:
@@ -151,6 +151,16 @@ def check_teacher_config(config: dict, cfg: DistillConfig, cp_degree: int):
     except ValueError as exc:
         raise ConfigError(f"resources.cp_degree: {exc}") from None
     return family
+
+
+def _rope_positions(config: dict, patch: list[int]) -> int | None:
+    # Wan: rope_max_seq_len per axis; Cosmos: its largest max_size / patch_size (both nets refuse a larger grid)
+    if isinstance(config.get("rope_max_seq_len"), int):
+        return int(config["rope_max_seq_len"])
+    size = config.get("max_size")
+    if isinstance(size, list | tuple) and len(size) == 3:
+        return max(int(m) // int(p) for m, p in zip(size, patch, strict=True))
+    return None
 
 
 def text_dim(config: dict) -> int:

@@ -143,6 +143,7 @@ def test_create_job_teacher_family_disagreeing_with_config_422(app_and_tokens, f
         ((4, 1, 2, 6), 2, "cp_degree", "the latent's 3 tokens (data.latent_shape / patch_size) are not divisible"),
         ((16, 2, 4, 4), 1, "latent_shape", "C = 16, but the teacher takes in_channels = 4"),
         ((4, 2, 5, 4), 1, "latent_shape", "(F, H, W) = (2, 5, 4) is not divisible by the teacher's patch_size"),
+        ((4, 2, 68, 4), 1, "latent_shape", "grid (2, 34, 2) after patch_size exceeds the teacher's 32 RoPE positions"),
     ],
 )
 def test_create_job_latent_or_cp_degree_the_teacher_cannot_take_422(app_and_tokens, folders, latent, cp, loc, expected):

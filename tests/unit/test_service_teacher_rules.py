@@ -44,6 +44,7 @@ CASES = [  # (class, config overrides, spec family, latent_shape, cp_degree)
     ("CosmosTransformer3DModel", {}, "wan2.1", [4, 2, 4, 4], 1),
     ("CosmosTransformer3DModel", {"in_channels": 5}, None, [5, 2, 4, 4], 1),  # Video2World's mask channel
     ("CosmosTransformer3DModel", {}, None, [4, 2, 4, 4], 4),
+    ("CosmosTransformer3DModel", {}, None, [4, 2, 36, 4], 1),  # grid (2, 18, 2) past max_size's 8 per axis
 ]
 
 
