@@ -104,22 +104,24 @@ class WanBlock(nn.Module):
     modulated by scale_shift_table + the timestep projection. Three stages, as the DiT's, so selective
     checkpointing keeps the self-attention's output instead of recomputing it."""
 
-    def __init__(self, block: nn.Module, net: WanNet):
+    def __init__(self, block: nn.Module, *, attention_backend: str):
         super().__init__()
         for name in ("norm1", "attn1", "attn2", "norm2", "ffn", "norm3"):
             setattr(self, name, getattr(block, name))
         self.scale_shift_table = block.scale_shift_table  # (1, 6, D)
         self.num_heads = block.attn1.heads
-        self._net = (net,)  # the owner (for its precision switch), hidden from module traversal
+        self.attention_backend = attention_backend
+        self.match_diffusers_precision = False  # set through WanNet.match_diffusers_precision
         # (q, k, v, key_padding_mask) -> o on (B, H, L, Dh); rcm_core.parallel.context_parallel swaps in Ulysses
-        self.attn1.core_attention = functools.partial(attention, backend=net.attention_backend)
+        self.attn1.core_attention = functools.partial(attention, backend=attention_backend)
 
     def island(self, dtype: torch.dtype) -> torch.dtype:
-        return self._net[0].island(dtype)
+        """Where diffusers computes in float32: float32 to match it bit for bit, else promote(float32, dtype)."""
+        return torch.float32 if self.match_diffusers_precision else torch.promote_types(torch.float32, dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, time_proj: torch.Tensor, rope) -> torch.Tensor:
         # modulation: 6 x (B, 1, D); part of the time path, >= float32 (diffusers rounds time_proj to float32)
-        t = time_proj.float() if self._net[0].match_diffusers_precision else time_proj
+        t = time_proj.float() if self.match_diffusers_precision else time_proj
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + t).chunk(6, dim=1)
         q, k, v = self.attention_inputs(x, shift1, scale1, *rope)  # (B, H, L, Dh)
         o = self.attn1.core_attention(q, k, v, None)  # (B, H, L, Dh)
@@ -162,7 +164,7 @@ class WanBlock(nn.Module):
         q = self._heads(self._qk_norm(a.norm_q, a.to_q(h))).transpose(1, 2)  # (B, H, L, Dh)
         k = self._heads(self._qk_norm(a.norm_k, a.to_k(context))).transpose(1, 2)  # (B, H, Lc, Dh)
         v = self._heads(a.to_v(context)).transpose(1, 2)
-        c = attention(q, k, v, None, backend=self._net[0].attention_backend)
+        c = attention(q, k, v, None, backend=self.attention_backend)
         x = x + a.to_out[0](c.transpose(1, 2).flatten(2).to(dtype))
         # feed-forward (GELU tanh)
         h = (self._norm(self.norm3, x) * (1 + scale2) + shift2).to(dtype)
@@ -184,11 +186,11 @@ class WanNet(TokenNet):
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.rope_max_seq_len = cfg.rope_max_seq_len
         self.attention_backend = attention_backend
-        self.match_diffusers_precision = False
+        self._match_diffusers_precision = False
         # adopted children, in diffusers' order (rope has no persistent state: its tables are computed here)
         self.patch_embedding = model.patch_embedding  # Conv3d (D, C, pt, ph, pw), applied as a linear on patches
         self.condition_embedder = model.condition_embedder
-        self.blocks = nn.ModuleList(WanBlock(block, self) for block in model.blocks)
+        self.blocks = nn.ModuleList(WanBlock(block, attention_backend=attention_backend) for block in model.blocks)
         self.norm_out = model.norm_out
         self.proj_out = model.proj_out
         self.scale_shift_table = model.scale_shift_table  # (1, 2, D)
@@ -236,6 +238,17 @@ class WanNet(TokenNet):
 
     def check_context_parallel(self, cp_degree: int, num_tokens: int | None = None) -> None:
         check_ulysses(self.num_heads, cp_degree, num_tokens, "(frames/pt) x (height/ph) x (width/pw) after patching")
+
+    @property
+    def match_diffusers_precision(self) -> bool:
+        """Round to float32 exactly where diffusers 0.42.1 does (see the module docstring); a test switch."""
+        return self._match_diffusers_precision
+
+    @match_diffusers_precision.setter
+    def match_diffusers_precision(self, value: bool) -> None:
+        self._match_diffusers_precision = bool(value)
+        for block in self.blocks:
+            block.match_diffusers_precision = bool(value)
 
     def island(self, dtype: torch.dtype) -> torch.dtype:
         """Where diffusers computes in float32: float32 to match it bit for bit, else promote(float32, dtype)."""

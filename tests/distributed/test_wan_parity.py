@@ -201,8 +201,9 @@ def test_bf16_mixed_precision_keeps_the_wan_time_path_float32(tmp_path):
             for name, grad in plain["student_grads"].items():
                 assert torch.equal(recomputed["student_grads"][name], grad), (checkpointing, name)
     for step, ref_step in zip(got["none"]["steps"], ref, strict=True):
-        # bf16 rounding (8 bits of mantissa) in every block of this tiny random model
-        assert math.isclose(step["metrics"]["loss"], ref_step["metrics"]["loss"], rel_tol=5e-2), (
+        print(f"wan bf16 CP=2 loss {step['metrics']['loss']:.6g} vs float32 one-rank {ref_step['metrics']['loss']:.6g}")
+        # bf16 rounding (8 bits of mantissa) in every block: measured 2.6e-3 and 4.7e-4 relative here
+        assert math.isclose(step["metrics"]["loss"], ref_step["metrics"]["loss"], rel_tol=2e-2), (
             step["metrics"]["loss"],
             ref_step["metrics"]["loss"],
         )
