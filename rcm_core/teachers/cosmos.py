@@ -233,7 +233,9 @@ class CosmosNet(TokenNet):
 
     @classmethod
     def from_diffusers(cls, model: nn.Module, *, attention_backend: str = "auto", fps: float | None = DEFAULT_FPS):
-        """The project's net over a loaded `diffusers.CosmosTransformer3DModel` (its weights, not copies)."""
+        """The project's net over a loaded `diffusers.CosmosTransformer3DModel`: it adopts the module's children (its
+        weights, not copies; the module is consumed) and turns their nn.Linear into rcm_core's Linear (one-GEMM JVP
+        rule, no new state). `fps` scales temporal RoPE positions by 24 / fps (module docstring); None = no scaling."""
         return cls(model, attention_backend=attention_backend, fps=fps)
 
     def _match(self) -> bool:

@@ -6,6 +6,7 @@ Shared by the 1-rank reference (in the pytest process) and the N-rank workers, s
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ class RandomVideoLatentTask:
 
 
 def teacher_net(device="cpu") -> CosmosNet:
-    """A tiny random Cosmos transformer (2 layers, 2 heads of dim 12) as the project's net, in the default dtype."""
+    """A tiny random Cosmos transformer (2 layers, 2 heads of dim 16) as the project's net, in the default dtype."""
     model = build_tiny_cosmos(seed=0).to(torch.get_default_dtype())
     return CosmosNet.from_diffusers(model, attention_backend="math").to(device)
 
@@ -95,3 +96,27 @@ def run_cosmos_rcm_steps(rank: int, world: int, dp: int, cp: int, ac: str, out_p
     result["resumed_final"] = rcm_setup.final_state(resumed)
     if dist.get_rank() == 0:
         torch.save(result, out_path)
+
+
+def run_cosmos_mixed_precision(rank: int, world: int, out_path: str) -> None:
+    """bf16 FSDP mixed precision with CP over `world` ranks, without, with full and with selective checkpointing:
+    the dtypes on the time path and in the blocks, and two steps' metrics and student gradients."""
+    torch.use_deterministic_algorithms(True)
+    result = {}
+    for checkpointing in ("none", "full", "selective"):
+        config = ParallelConfig(cp_degree=world, activation_checkpointing=checkpointing, mixed_precision="bfloat16")
+        d = _parallel_distiller(world, 1, world, config)
+        dtypes: dict[str, torch.dtype] = {}
+        net = d.student.net
+        watched = {"time_embed": net.time_embed, "modulation": net.blocks[0].norm1, "ff": net.blocks[0].ff.net[2]}
+        for name, module in watched.items():
+            module.register_forward_hook(functools.partial(_record_dtype, dtypes, name))
+        steps = [rcm_setup.record_step(d) for _ in range(2)]
+        result[checkpointing] = {"steps": steps, "dtypes": dtypes}
+    if dist.get_rank() == 0:
+        torch.save(result, out_path)
+
+
+def _record_dtype(dtypes: dict, name: str, module, args, output) -> None:
+    out = output[0] if isinstance(output, tuple) else output
+    dtypes.setdefault(name, out.dtype)

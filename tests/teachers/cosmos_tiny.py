@@ -15,19 +15,20 @@ import torch
 
 
 def tiny_cosmos_config(**overrides) -> dict:
-    """2 layers, 2 heads of dim 12 (RoPE split t/h/w = 4/4/4), 4 latent channels, text width 8."""
+    """2 layers, 2 heads of dim 16 (RoPE split t/h/w = 8/4/4: unequal, as 44/42/42 at dim 128), 4 latent channels,
+    text width 8."""
     cfg = dict(
         in_channels=4,
         out_channels=4,
         num_attention_heads=2,
-        attention_head_dim=12,
+        attention_head_dim=16,
         num_layers=2,
         mlp_ratio=2.0,
         text_embed_dim=8,
         adaln_lora_dim=8,
         max_size=(8, 16, 16),
         patch_size=(1, 2, 2),
-        rope_scale=(1.0, 4.0, 4.0),  # Predict2-2B-Text2Image's
+        rope_scale=(2.0, 3.0, 3.0),  # NTK on every axis (published: (1, 4, 4) T2I, (1, 3, 3) / (20/24, 2, 2) video)
         concat_padding_mask=True,
         extra_pos_embed_type=None,
     )

@@ -161,8 +161,9 @@ def _adapter_step(teacher, x, sigma, sigma_next, cond) -> torch.Tensor:
 @pytest.mark.parametrize("index", [0, 12, 33])
 def test_teacher_ode_step_equals_pipeline_scheduler_step(tiny_dir, resize_shim, index):
     """Tolerance 1e-6: the pipeline works with float32 sigmas and evaluates t = sigma / (sigma + 1), c_in and the
-    scheduler's dt = sigma' - sigma in float32 (relative rounding 6e-8 each, measured end to end ~1e-7); the
-    same step with the pipeline's update written out in float64 agrees to 1e-10."""
+    scheduler's dt = sigma' - sigma in float32 (relative rounding 6e-8 each; measured 1.5e-9, 5.6e-9 and 4.9e-8 at
+    steps 0, 12 and 33 of 35, the last near sigma_min = 0.002 where dt is small); the same step with the
+    pipeline's update written out in float64 agrees to 1e-10 (measured ~1e-16)."""
     teacher = load_diffusers_teacher(tiny_dir, dtype=torch.float64)
     teacher.net.match_diffusers_precision = True
     reference = _diffusers(tiny_dir)
@@ -225,10 +226,13 @@ def test_jvp_equals_central_differences_in_x_and_t(tiny_dir):
     assert jt.norm() > 1e-2 * jx.norm()  # the t tangent is a real contribution
 
 
-def test_semi_continuous_tangent_matches_exact_float32(tiny_dir):
-    """float32 weights: the semi-continuous tangent (JVP in x, central difference h = 1e-4 in t) equals the exact
-    JVP within 2% (rCM Sec. 4), and the time part is a real contribution."""
-    teacher = load_diffusers_teacher(tiny_dir, dtype=torch.float32)
+@pytest.mark.parametrize("load_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16_weights"])
+def test_semi_continuous_tangent_matches_exact_float32_compute(tiny_dir, load_dtype):
+    """Computed in float32 (weights as loaded, or rounded to bf16 by a bf16 load): the semi-continuous tangent (JVP
+    in x, central difference h = 1e-4 in t) equals the exact JVP within 2% (rCM Sec. 4), and the time part is a
+    real contribution. (With the blocks computing in bf16 the difference quotient is dominated by the bf16
+    rounding of the activations, whatever the time path does: measured 20x off on this model.)"""
+    teacher = load_diffusers_teacher(tiny_dir, dtype=load_dtype).float()
     x_t, cond = tiny_inputs(frames=2)
     x_t, cond = x_t.float(), {"tokens": cond["tokens"].float(), "mask": cond["mask"]}
     v = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(5))
