@@ -1,7 +1,8 @@
 """The `rcm` command: job commands against the REST API here; everything else is rcm_core's CLI.
 
 rcm submit job.yaml|job.json    rcm jobs [--state S]    rcm status ID    rcm logs [-f] ID    rcm cancel ID
-rcm upload FILE [--name NAME]   (a teacher or prompt file, stored under this tenant's input prefix)
+rcm upload FILE|DIR [--name NAME]   (a teacher or prompt file, or a diffusers transformer folder, stored under
+                                    this tenant's input prefix; prints the URI for the job spec)
 
 The client imports nothing of rcm_core (it installs without torch): other commands run `python -m rcm_core.cli`
 in this process's place (exec), so their output and exit status are rcm_core's own.
@@ -31,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
     s.add_argument("spec")
     s.add_argument("--idempotency-key")
-    u = sub.add_parser("upload", help="upload a teacher or prompt file; prints the URI to put in a job spec")
-    u.add_argument("file")
-    u.add_argument("--name", help="name under this tenant's input prefix (default: the file's name)")
+    u = sub.add_parser(
+        "upload", help="upload a teacher or prompt file, or a diffusers transformer folder; prints the URI for a job"
+    )
+    u.add_argument("file", help="a file, or a folder (its files, e.g. a diffusers transformer/ folder)")
+    u.add_argument("--name", help="name under this tenant's input prefix (default: the file's or folder's name)")
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state")
     for name in ("status", "cancel"):
@@ -71,6 +74,12 @@ def run_job_command(argv: list[str]) -> int:
             print(f"{job['id']}  {job['state']}")
         elif args.command == "upload":
             path = Path(args.file)
+            if path.is_dir():
+                if not any(p.is_file() for p in path.iterdir()):
+                    print(f"rcm: error: {path}: no files in this folder", file=sys.stderr)
+                    return 2
+                print(client.upload_folder(path, args.name)["uri"])
+                return 0
             if not path.is_file():
                 print(f"rcm: error: {path}: no such file", file=sys.stderr)
                 return 2

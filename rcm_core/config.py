@@ -26,11 +26,17 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # ring8 / grid25: 2-D mixtures of Gaussians (MLP teacher); shapes: the built-in text-to-image task
-    dataset: Literal["ring8", "grid25", "shapes"] = "ring8"
+    # ring8 / grid25: 2-D mixtures of Gaussians (MLP teacher); shapes: the built-in text-to-image task;
+    # teacher-synthetic: a diffusers teacher's own samples on placeholder text conditions (rcm_core.tasks.diffusers)
+    dataset: Literal["ring8", "grid25", "shapes", "teacher-synthetic"] = "ring8"
     mode_std: float = 0.05  # 2-D only: std of each Gaussian, in data units (data is scaled to about unit variance)
     prompt_file: str | None = None  # shapes only: draw captions from this file (one per line) instead of the grammar
     pool_size: int = 0  # shapes on a GPU: pre-render this many scenes (0 = render every batch on the CPU)
+    # teacher-synthetic only:
+    latent_shape: list[int] = field(default_factory=list)  # (C, F, H, W) of one latent; required there
+    text_tokens: int = 512  # L of the text-embedding tokens (both pipelines pad prompts to 512)
+    num_prompts: int = 32  # placeholder conditions in the pool, one teacher sample x0 each
+    sample_steps: int = 50  # teacher Euler steps (with CFG) that draw each pool sample
 
     def __post_init__(self) -> None:
         if not self.mode_std > 0:
@@ -39,6 +45,13 @@ class DataConfig:
             raise ValueError("prompt_file is only valid with dataset 'shapes'")
         if self.pool_size < 0:
             raise ValueError(f"pool_size must be >= 0, got {self.pool_size}")
+        if self.dataset == "teacher-synthetic":
+            if len(self.latent_shape) != 4 or min(self.latent_shape) < 1:
+                raise ValueError(f"latent_shape must be 4 positive sizes (C, F, H, W), got {self.latent_shape}")
+            if min(self.text_tokens, self.num_prompts, self.sample_steps) < 1:
+                raise ValueError("text_tokens, num_prompts and sample_steps must be >= 1")
+        elif self.latent_shape:
+            raise ValueError(f"latent_shape is only valid with dataset 'teacher-synthetic', not {self.dataset!r}")
 
 
 @dataclass(kw_only=True)
@@ -55,7 +68,8 @@ class MLPConfig:
 
 @dataclass(kw_only=True)
 class TeacherConfig:
-    path: str | None = None  # teacher checkpoint (safetensors); None = train one (cached in output_dir/..)
+    path: str | None = None  # teacher checkpoint (safetensors, or a diffusers transformer directory); None = built in
+    family: str | None = None  # diffusers teachers: rcm_core.teachers family (e.g. "wan2.1"); None = from config.json
     parameterization: Literal["rf", "trigflow"] = "rf"  # what the teacher network predicts
     guidance_scale: float = 1.5  # CFG weight w: F = F_uncond + w * (F_cond - F_uncond); 1 = no guidance
     train_steps: int = 3000  # only when the teacher is trained here
@@ -174,7 +188,9 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    task: Literal["toy2d", "shapes"] = "toy2d"  # the built-in task (shapes: text-to-image, data.dataset = shapes)
+    # toy2d (2-D datasets), shapes (text-to-image, data.dataset = shapes) or diffusers (a diffusers teacher,
+    # data.dataset = teacher-synthetic)
+    task: Literal["toy2d", "shapes", "diffusers"] = "toy2d"
     data: DataConfig = field(default_factory=DataConfig)
     model: MLPConfig = field(default_factory=MLPConfig)  # 2-D only; a shapes student copies its teacher's network
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -184,8 +200,12 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if (self.task == "shapes") != (self.data.dataset == "shapes"):
+        datasets = TASK_DATASETS[self.task]
+        if self.data.dataset not in datasets:
             raise ValueError(f"task {self.task!r} does not match data.dataset {self.data.dataset!r}")
+
+
+TASK_DATASETS = {"toy2d": ("ring8", "grid25"), "shapes": ("shapes",), "diffusers": ("teacher-synthetic",)}
 
 
 # --------------------------------------------------------------------------------------------------- presets
@@ -244,6 +264,26 @@ def shapes_dmd() -> DistillConfig:
     return _dmd_only(shapes_rcm())
 
 
+def diffusers_rcm(guidance_scale: float = 5.0) -> DistillConfig:
+    """rCM of a diffusers teacher (rcm_core.tasks.diffusers) after the published Wan2.1-T2V-1.3B recipe
+    (NVlabs/rcm, rcm/configs/experiments/rcm/wan2pt1_t2v.py): student lr 2e-6, fake-score lr 4e-7, AdamW betas
+    (0, 0.999), weight decay 0.01, no gradient clipping, log-normal proposal P_mean 0.7 / P_std 1.6, tangent
+    warm-up over 1000 steps, one student update per 5 iterations (4 critic updates). Its DMD times are drawn by a
+    shifted uniform proposal (shift 5); here they stay uniform in RF time. Few-step sampler times 1.5, 1.4, 1.0
+    as its inference script. `guidance_scale` is g of F_u + g (F_c - F_u): the family's (Family.guidance_to_project).
+    """
+    return DistillConfig(
+        task="diffusers",
+        data=DataConfig(dataset="teacher-synthetic", latent_shape=[16, 1, 8, 8]),
+        teacher=TeacherConfig(guidance_scale=guidance_scale),
+        loss=LossConfig(p_mean=0.7, p_std=1.6, tangent_warmup_steps=1000, critic_ratio=4),
+        optim=OptimConfig(lr=2e-6, fake_lr=4e-7, beta2=0.999, weight_decay=0.01, grad_clip=0.0),
+        train=TrainConfig(steps=1000, batch_size=8, log_every=10, checkpoint_every=100, output_dir="runs/diffusers"),
+        # teacher reference at 50 Euler steps; every sampler sees the same noise and placeholder conditions
+        eval=EvalConfig(num_samples=10, student_steps=[1, 2, 4], teacher_steps=[50], student_mid_times=[1.5, 1.4, 1.0]),
+    )
+
+
 PRESETS = {
     "toy2d-rcm": toy2d_rcm,
     "toy2d-scm": toy2d_scm,
@@ -251,6 +291,7 @@ PRESETS = {
     "shapes-rcm": shapes_rcm,
     "shapes-scm": shapes_scm,
     "shapes-dmd": shapes_dmd,
+    "diffusers-rcm": diffusers_rcm,
 }
 
 

@@ -90,7 +90,11 @@ def build_distiller(
     data = get_task(cfg.task).build_data(cfg, meta, device)
     param = meta["parameterization"]
     amp = device is not None and torch.device(device).type == "cuda"
-    return Distiller(cfg, teacher_net, data, parameterization=param, copy_net=copy_net, device=device, autocast=amp)
+    distiller = Distiller(
+        cfg, teacher_net, data, parameterization=param, copy_net=copy_net, device=device, autocast=amp
+    )
+    get_task(cfg.task).prepare_data(data, distiller.teacher)  # e.g. samples drawn by the teacher, on every rank
+    return distiller
 
 
 class _ReportingStore(DirectoryStore):

@@ -67,6 +67,7 @@ class Cluster(Protocol):
     def put_input(self, bucket: str, key: str, body: Any) -> None: ...
     def list_inputs(self, bucket: str, prefix: str) -> list[dict[str, Any]]: ...
     def delete_input(self, bucket: str, key: str) -> None: ...
+    def read_input(self, bucket: str, key: str, max_bytes: int) -> bytes | None: ...
     def effective_config(self, job_id: str) -> dict[str, Any] | None: ...
     def healthy(self) -> dict[str, bool]: ...
 
@@ -225,6 +226,21 @@ class RayCluster:
     def delete_input(self, bucket: str, key: str) -> None:
         with _s3_errors():
             self.s3.delete_object(Bucket=bucket, Key=key)
+
+    def read_input(self, bucket: str, key: str, max_bytes: int) -> bytes | None:
+        """At most max_bytes + 1 bytes of a tenant input (more means: over the cap); None when there is none."""
+        try:
+            obj = self.s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+            return bytes(obj["Body"].read(max_bytes + 1))
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey"):
+                return None
+            if code == "InvalidRange":  # an empty object: no byte 0 to start the range at
+                return b""
+            raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
+        except BotoCoreError as exc:
+            raise ClusterUnavailable(f"object storage unavailable ({type(exc).__name__})") from exc
 
     def effective_config(self, job_id: str) -> dict[str, Any] | None:
         """The settings the worker resolved for the job (written before training starts), None before that."""

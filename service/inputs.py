@@ -16,8 +16,10 @@ from typing import Any
 from service.schemas import JobCreate
 from service.settings import Settings
 
-# Input names: one path segment, no leading dot ('.', '..' and hidden names are refused), S3-safe characters.
-INPUT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
+# Input names: up to 8 path segments (a diffusers teacher is a folder: wan/transformer/config.json), each with
+# no leading dot ('.', '..' and hidden names are refused) and S3-safe characters.
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}"
+INPUT_NAME = re.compile(rf"^(?:{_SEGMENT}/){{0,7}}{_SEGMENT}$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")  # no '/': one tenant's prefix never holds another's
 # (location of the field in the request body, how to read it from the spec)
 URI_FIELDS = (
@@ -38,7 +40,8 @@ def input_prefix_uri(settings: Settings, tenant: str) -> str:
 def _inside(uri: str, prefix: str) -> bool:
     if not uri.startswith(prefix):
         return False
-    rest = uri.removeprefix(prefix).split("/")
+    rest = uri.removeprefix(prefix)
+    rest = (rest[:-1] if rest.endswith("/") else rest).split("/")  # one trailing '/': a folder (diffusers teacher)
     return all(part not in ("", ".", "..") for part in rest)  # no empty, '.' or '..' segment to confuse a reader
 
 

@@ -40,22 +40,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+TEACHER_FAMILIES = ("wan2.1", "cosmos-predict2")  # diffusers families (service/teachers.py: their classes)
+
+
+def is_teacher_folder(uri: str) -> bool:
+    """A diffusers transformer folder (s3://bucket/prefix/, ending in /) rather than one teacher file."""
+    return uri.startswith("s3://") and uri.endswith("/")
+
+
 class TeacherSpec(_Strict):
     uri: str = Field(
-        description="s3://bucket/key.safetensors (written by `rcm teacher train`), builtin:toy2d (the 2-D teacher, "
-        "trained on first use) or builtin:shapes (the text-to-image teacher shipped with rcm_core)"
+        description="s3://bucket/key.safetensors (written by `rcm teacher train`), s3://bucket/prefix/ (a diffusers "
+        "transformer folder as save_pretrained writes it: config.json + safetensors, with data.dataset "
+        "teacher-synthetic), builtin:toy2d (the 2-D teacher, trained on first use) or builtin:shapes (the "
+        "text-to-image teacher shipped with rcm_core)"
+    )
+    family: Literal["wan2.1", "cosmos-predict2"] | None = Field(
+        None,
+        description="diffusers teachers: the family, checked against config.json's _class_name (wan2.1: "
+        "WanTransformer3DModel, cosmos-predict2: CosmosTransformer3DModel); default: read from config.json",
     )
     parameterization: Literal["rf", "trigflow"] | None = None
-    guidance_scale: float | None = Field(None, ge=0, le=20, description="CFG weight distilled into the student")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="CFG weight g distilled into the student, in the form F_u + g (F_c - F_u); diffusers teachers "
+        "default to their pipeline's (Wan 5.0; Cosmos-Predict2 w = 7 of its D_c + w (D_c - D_u), i.e. g = 8)",
+    )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
         if not _URI.match(v):
-            raise ValueError("must be s3://bucket/key or builtin:NAME")
+            raise ValueError("must be s3://bucket/key, s3://bucket/prefix/ or builtin:NAME")
         if v.startswith("builtin:") and v.removeprefix("builtin:") not in BUILTIN_TEACHERS:
             raise ValueError(f"unknown built-in teacher {v!r}: one of {', '.join(BUILTIN_TEACHERS.values())}")
         return v
+
+    @model_validator(mode="after")
+    def _family_needs_a_folder(self) -> TeacherSpec:
+        if self.family is not None and not is_teacher_folder(self.uri):
+            raise ValueError("family is only valid for a diffusers transformer folder (teacher.uri s3://.../ ending /)")
+        if is_teacher_folder(self.uri) and self.parameterization is not None:
+            raise ValueError("parameterization is set by the diffusers family, not by the job")
+        return self
 
 
 class StudentSpec(_Strict):
@@ -66,9 +95,38 @@ TOY2D_DATASETS = ("ring8", "grid25")  # 2-D mixtures, MLP teacher, CPU only
 _PROMPT_PATH = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9._\-/]{1,512}$")  # relative, no ".."
 
 
+SYNTHETIC_FIELDS = ("latent_shape", "text_tokens", "num_prompts", "sample_steps")  # teacher-synthetic only
+
+
 class DataSpec(_Strict):
-    dataset: Literal["ring8", "grid25", "shapes"] = Field(
-        "ring8", description="built-in dataset: ring8 | grid25 (2-D mixtures) or shapes (text-to-image scenes)"
+    dataset: Literal["ring8", "grid25", "shapes", "teacher-synthetic"] = Field(
+        "ring8",
+        description="built-in dataset: ring8 | grid25 (2-D mixtures), shapes (text-to-image scenes), or "
+        "teacher-synthetic (a diffusers teacher's own samples on placeholder prompts: seeded random text "
+        "embeddings, not encoded text; README: bring your own Wan / Cosmos teacher)",
+    )
+    latent_shape: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None,
+        min_length=4,
+        max_length=4,
+        description="teacher-synthetic (required): (C, F, H, W) of one latent, e.g. [16, 21, 60, 104] for Wan2.1 "
+        "at 480p x 81 frames; C = the transformer's in_channels, F, H, W divisible by its patch_size",
+    )
+    text_tokens: int | None = Field(
+        None, ge=1, le=4096, description="teacher-synthetic: text tokens per placeholder prompt; default 512"
+    )
+    num_prompts: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="teacher-synthetic: placeholder prompts, each with one teacher sample drawn at job start; "
+        "default 32",
+    )
+    sample_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="teacher-synthetic: Euler steps (with CFG) of the teacher drawing each sample; default 50",
     )
     prompt_file_uri: str | None = Field(
         None,
@@ -84,9 +142,14 @@ class DataSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _prompt_file_needs_shapes(self) -> DataSpec:
+    def _fields_fit_the_dataset(self) -> DataSpec:
         if self.prompt_file_uri is not None and self.dataset != "shapes":
             raise ValueError(f"prompt_file_uri is only valid with dataset 'shapes', not {self.dataset!r}")
+        if self.dataset != "teacher-synthetic":
+            for name in (n for n in SYNTHETIC_FIELDS if getattr(self, n) is not None):
+                raise ValueError(f"{name} is only valid with dataset 'teacher-synthetic', not {self.dataset!r}")
+        elif self.latent_shape is None:
+            raise ValueError("latent_shape [C, F, H, W] is required with dataset 'teacher-synthetic'")
         return self
 
 
@@ -245,6 +308,11 @@ class JobCreate(_Strict):
             )
         if self.data.dataset != "shapes" and self.teacher.uri == "builtin:shapes":
             raise ValueError("teacher.uri builtin:shapes is a text-to-image teacher: data.dataset must be 'shapes'")
+        if (self.data.dataset == "teacher-synthetic") != is_teacher_folder(self.teacher.uri):
+            raise ValueError(
+                "a diffusers teacher (teacher.uri s3://bucket/prefix/ ending in /, its transformer folder) goes with "
+                "data.dataset 'teacher-synthetic', and that dataset with such a teacher"
+            )
         if self.schedule.batch_size is not None and self.schedule.batch_size % r.fsdp_degree:
             raise ValueError(
                 f"schedule.batch_size ({self.schedule.batch_size}) must be divisible by resources.fsdp_degree "
@@ -263,7 +331,7 @@ UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
 
 class InputPublic(BaseModel):
     name: str
-    uri: str  # what a job spec names (teacher.uri, data.prompt_file_uri)
+    uri: str  # what a job spec names (teacher.uri, data.prompt_file_uri; a teacher folder: the URI up to its last /)
     size: int  # bytes
 
 

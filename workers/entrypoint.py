@@ -1,4 +1,5 @@
-"""What a Ray job runs (`python -m workers.entrypoint`): check the inputs, resolve the teacher, run the trainer.
+"""What a Ray job runs (`python -m workers.entrypoint`): check the inputs, resolve the teacher (a diffusers teacher:
+its family, from its config.json), run the trainer.
 
 Errors a user can fix (unreadable or malformed teacher or prompt file, invalid spec) end the job with one
 readable line on stderr and exit status 1, before any Ray Train worker starts (a failure inside the workers
@@ -69,6 +70,31 @@ def check_prompt_file(path: Path, uri: str) -> None:
         raise ConfigError(f"data.prompt_file_uri {uri}: no captions (one per line expected)")
 
 
+def resolve_family(job: JobConfig) -> str | None:
+    """A diffusers teacher's family, read from its config.json in S3 and checked as the workers will load it
+    (teacher.family agrees, a supported variant, data.latent_shape and cp_degree fit it); None for other tasks.
+
+    Raises:
+        ConfigError, storage.TeacherUnavailable: with a message for the user (never the file's content).
+    """
+    task, uri = get_task(job.distill.task), job.teacher_uri
+    if not task.teacher_is_directory:
+        return None
+    if not (uri.startswith("s3://") and uri.endswith("/")):
+        raise ConfigError(f"teacher.uri {uri}: a {task.name} teacher is a folder, s3://bucket/prefix/ (ending in /)")
+    from rcm_core.tasks.diffusers import check_teacher_config
+
+    try:
+        config = json.loads(storage.read_teacher_config(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"teacher.uri {uri}: config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"teacher.uri {uri}: config.json is not a JSON object")
+    family = check_teacher_config(config, job.distill, job.parallel.cp_degree).name
+    storage.check_teacher_weights(uri)
+    return family
+
+
 def resolve_teacher(job: JobConfig) -> tuple[str, str]:
     """The teacher's URI after checking that it can be read and fits the task, and where it came from.
 
@@ -81,6 +107,8 @@ def resolve_teacher(job: JobConfig) -> tuple[str, str]:
     """
     cfg, uri = job.distill, job.teacher_uri
     task = get_task(cfg.task)
+    if task.teacher_is_directory:  # a diffusers folder: resolve_family has read and checked its config.json
+        return uri, "uri"
     if uri.startswith("builtin:"):
         if uri != f"builtin:{task.name}":
             raise ConfigError(f"teacher.uri {uri}: not the built-in teacher of task {task.name!r}")
@@ -151,6 +179,9 @@ def main() -> int:
     spec = json.loads(os.environ["RCM_JOB_SPEC"])
     try:
         job = check_inputs(spec)
+        family = resolve_family(job)
+        if family is not None:  # the preset's defaults depend on it (e.g. the guidance scale)
+            job = job_config(spec, output_dir=job.distill.train.output_dir, teacher_family=family)
         teacher_uri, source = resolve_teacher(job)
     except (ConfigError, storage.TeacherUnavailable, storage.PromptFileUnavailable) as exc:
         print(f"rcm-worker: error: {exc}", file=sys.stderr, flush=True)
@@ -163,7 +194,7 @@ def main() -> int:
     print(
         f"rcm-worker: job {job_id}: teacher {teacher_uri} ({source}); starting {job.num_workers} worker(s)", flush=True
     )
-    result = build_trainer(job_id, job, spec, teacher_uri, source).fit()
+    result = build_trainer(job_id, job, spec, teacher_uri, source, teacher_family=family).fit()
     if result.error is not None:
         print(f"rcm-worker: training error (full): {result.error}", flush=True)  # the cluster's log, for operators
         print(f"rcm-worker: error: training failed: {public_error(result.error)}", file=sys.stderr, flush=True)

@@ -28,9 +28,18 @@ def s3_filesystem() -> pyarrow.fs.S3FileSystem:
     )
 
 
-def build_trainer(job_id: str, job: JobConfig, spec: dict[str, Any], teacher_uri: str, source: str) -> TorchTrainer:
-    """Args: job: the converted spec (sizes the cluster); spec: the raw one, which every worker converts again."""
-    config = {"job_id": job_id, "spec": spec, "teacher_uri": teacher_uri, "teacher_source": source}
+def build_trainer(
+    job_id: str, job: JobConfig, spec: dict[str, Any], teacher_uri: str, source: str, teacher_family: str | None = None
+) -> TorchTrainer:
+    """Args: job: the converted spec (sizes the cluster); spec: the raw one, which every worker converts again
+    (with teacher_family, the diffusers family the entrypoint read from the teacher's config.json)."""
+    config = {
+        "job_id": job_id,
+        "spec": spec,
+        "teacher_uri": teacher_uri,
+        "teacher_source": source,
+        "teacher_family": teacher_family,
+    }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

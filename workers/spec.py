@@ -58,12 +58,19 @@ class JobConfig:
 
 
 def job_config(
-    spec: dict[str, Any], *, output_dir: str, teacher_path: str | None = None, prompt_file: str | None = None
+    spec: dict[str, Any],
+    *,
+    output_dir: str,
+    teacher_path: str | None = None,
+    prompt_file: str | None = None,
+    teacher_family: str | None = None,
 ) -> JobConfig:
     """The spec (only the fields its user set) on top of its task's preset.
 
     Args:
         teacher_path / prompt_file: local copies the worker downloaded (None before they are fetched).
+        teacher_family: a diffusers teacher's family as read from its config.json (workers.entrypoint), when
+            the spec leaves teacher.family out; the preset's defaults depend on it (e.g. the guidance scale).
     Raises:
         ConfigError: naming the spec field (e.g. "method.critic_ratio: ...").
     """
@@ -81,11 +88,14 @@ def job_config(
             if target is None:
                 raise ConfigError(f"{section}.{key}: unknown field")
             update.setdefault(target, {})[key] = value
+    family = spec.get("teacher", {}).get("family") or teacher_family
+    if family is not None:
+        update.setdefault("teacher", {})["family"] = family
     update.setdefault("teacher", {})["path"] = teacher_path
     update.setdefault("data", {})["prompt_file"] = prompt_file
     update.setdefault("train", {})["output_dir"] = output_dir
     try:
-        distill = config_from_dict({"task": task.name, **update}, base=task.preset())
+        distill = config_from_dict({"task": task.name, **update}, base=task.preset(family))
     except ConfigError as exc:
         raise ConfigError(_spec_path(str(exc))) from None
     resources = spec.get("resources", {})

@@ -1,4 +1,5 @@
-"""S3 access for workers: teacher and prompt-file downloads, cancel marker, exports. Endpoint and keys: the env."""
+"""S3 access for workers: teacher (file or diffusers folder) and prompt-file downloads, cancel marker, exports.
+Endpoint and keys: the env."""
 
 from __future__ import annotations
 
@@ -51,6 +52,101 @@ def download(uri: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         s3_client().download_file(bucket, key, str(dest))
+    except (ClientError, BotoCoreError) as exc:
+        raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({s3_reason(exc)})") from None
+    return dest
+
+
+# What a diffusers transformer folder holds that from_pretrained reads: config.json and the weights (one
+# safetensors file, or shards + index). Anything else under the prefix (a README, a .bin) is left in S3.
+TEACHER_DIR_FILES = ("config.json", ".safetensors", ".safetensors.index.json")
+MAX_CONFIG_BYTES = 1 << 20  # a transformer's config.json is under 2 KiB; anything larger is not one
+
+
+def read_teacher_config(uri: str) -> bytes:
+    """The config.json of the diffusers teacher folder `uri` (s3://bucket/prefix/), at most MAX_CONFIG_BYTES.
+
+    Raises:
+        TeacherUnavailable: missing, unreadable or too large (the message never holds the content).
+    """
+    bucket, key = split_uri(uri.rstrip("/") + "/config.json")
+    try:
+        obj = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_CONFIG_BYTES}")
+        body = obj["Body"].read(MAX_CONFIG_BYTES + 1)
+    except (ClientError, BotoCoreError) as exc:
+        reason = s3_reason(exc)
+        if reason == "no such object":
+            reason = "no config.json under it: not a diffusers transformer folder (save_pretrained layout)"
+        raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({reason})") from None
+    if len(body) > MAX_CONFIG_BYTES:
+        raise TeacherUnavailable(f"teacher.uri {uri}: config.json is over {MAX_CONFIG_BYTES} bytes")
+    return body
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+MAX_INDEX_BYTES = 64 << 20  # a 14B model's index is ~100 KiB
+
+
+def check_teacher_weights(uri: str) -> None:
+    """The diffusers teacher folder `uri` holds the weights from_pretrained reads: diffusion_pytorch_model
+    .safetensors, or an index and every shard it names. Checked before any worker starts (a missing shard would
+    otherwise fail every worker, and be retried).
+
+    Raises:
+        TeacherUnavailable: naming what is missing (never the index's content).
+    """
+    bucket, prefix = split_uri(uri.rstrip("/") + "/")
+    client = s3_client()
+    try:
+        names = {
+            o["Key"].removeprefix(prefix)
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for o in page.get("Contents", [])
+        }
+        if WEIGHTS_NAME in names:
+            return
+        if INDEX_NAME not in names:
+            raise TeacherUnavailable(f"teacher.uri {uri}: no {WEIGHTS_NAME} and no {INDEX_NAME} under it")
+        body = client.get_object(Bucket=bucket, Key=prefix + INDEX_NAME)["Body"].read(MAX_INDEX_BYTES + 1)
+    except (ClientError, BotoCoreError) as exc:
+        raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({s3_reason(exc)})") from None
+    try:
+        weight_map = json.loads(body)["weight_map"]
+        shards = {str(v) for v in weight_map.values()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise TeacherUnavailable(f"teacher.uri {uri}: {INDEX_NAME} is not a safetensors index") from None
+    missing = shards - names
+    if missing or not shards:
+        raise TeacherUnavailable(
+            f"teacher.uri {uri}: {len(missing)} of the {len(shards)} shards {INDEX_NAME} names are not under it"
+        )
+
+
+def download_prefix(uri: str, dest: Path) -> Path:
+    """Download the diffusers teacher folder `uri` (s3://bucket/prefix/) to the directory `dest`: config.json and
+    the safetensors weights (shards and index), in the layout save_pretrained writes. Sub-folders are not read.
+
+    Raises:
+        TeacherUnavailable: the prefix cannot be listed or read, or holds no config.json.
+    """
+    bucket, prefix = split_uri(uri.rstrip("/") + "/")
+    client = s3_client()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for o in page.get("Contents", [])
+        ]
+        wanted = [k for k in keys if k.removeprefix(prefix).endswith(TEACHER_DIR_FILES)]
+        if prefix + "config.json" not in wanted:
+            raise TeacherUnavailable(
+                f"teacher.uri {uri}: no config.json under it: not a diffusers transformer folder (save_pretrained "
+                "layout)"
+            )
+        for key in wanted:
+            client.download_file(bucket, key, str(dest / key.removeprefix(prefix)))
     except (ClientError, BotoCoreError) as exc:
         raise TeacherUnavailable(f"teacher.uri {uri}: cannot read it ({s3_reason(exc)})") from None
     return dest

@@ -13,7 +13,6 @@ reason naming the step and the terms, written for workers/entrypoint.py to repor
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -69,10 +68,12 @@ def _build(job: JobConfig) -> tuple[nn.Module, dict, Distiller, torch.device]:
 
 def _fetch_inputs(config: dict[str, Any], workdir: Path) -> JobConfig:
     """The job spec, converted once, with local copies of its teacher (unless built in) and prompt file."""
-    job = job_config(config["spec"], output_dir=str(workdir / "run"))
+    job = job_config(config["spec"], output_dir=str(workdir / "run"), teacher_family=config.get("teacher_family"))
     teacher_uri = config["teacher_uri"]  # resolved by the entrypoint (a cached built-in teacher is an s3:// URI)
     teacher_path = None
-    if teacher_uri.startswith("s3://"):
+    if get_task(job.distill.task).teacher_is_directory:  # a diffusers folder (config.json + safetensors shards)
+        teacher_path = str(storage.download_prefix(teacher_uri, workdir / "teacher"))
+    elif teacher_uri.startswith("s3://"):
         teacher_path = str(storage.download(teacher_uri, workdir / "teacher.safetensors"))
     prompt_file = None
     if job.prompt_file_uri:
@@ -149,36 +150,31 @@ def _evaluate(distiller: Distiller, teacher_net: nn.Module, job: JobConfig, log:
 
 
 def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobConfig, job_id: str, log) -> None:
-    """Rank 0: student (EMA) weights + config + evaluation report + sample grid, to S3 and MLflow."""
-    from safetensors.torch import save_file
-
+    """Rank 0: student (EMA) weights + config (the task's layout, e.g. diffusers' transformer/ folder) + evaluation
+    report + sample grid, to S3 (jobs/<id>/export/) and MLflow."""
     ema = _ema_student(distiller, teacher_net)
     if ema is None:
         return
     cfg = job.distill
+    task = get_task(cfg.task)
     out = Path(cfg.train.output_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in ema.net.state_dict().items()}
     check_finite_state(state, "student")  # the Trainer's guard makes this unreachable; an export must never hold NaN
-    save_file(state, str(out / "student.safetensors"))
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "task": cfg.task,
-                "parameterization": distiller.student.parameterization,
-                "model": get_task(cfg.task).network_config(cfg, meta),  # what rebuilds the student's network
-                "data": cfg.data.__dict__,
-                "guidance_scale": cfg.teacher.guidance_scale,
-            },
-            indent=2,
-        )
-    )
+    info = {
+        "task": cfg.task,
+        "parameterization": distiller.student.parameterization,
+        "model": task.network_config(cfg, meta),  # what rebuilds the student's network
+        "data": cfg.data.__dict__,
+        "guidance_scale": cfg.teacher.guidance_scale,
+    }
+    task.write_student(out, state, info, meta)
     teacher = FlowModel(teacher_net, distiller.teacher.parameterization).eval()
     rows, metrics = final_report(cfg, teacher, ema, distiller.task, meta, out / "samples.png")
     (out / "report.json").write_text(report_json({"rows": rows, "step": distiller.step}))
     bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
-    for f in out.iterdir():
-        storage.upload(f, f"s3://{bucket}/jobs/{job_id}/export/{f.name}")
+    for f in sorted(p for p in out.rglob("*") if p.is_file()):
+        storage.upload(f, f"s3://{bucket}/jobs/{job_id}/export/{f.relative_to(out).as_posix()}")
     log.metrics(metrics, step=distiller.step)
     log.artifacts(out)
 

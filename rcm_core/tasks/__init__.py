@@ -7,7 +7,7 @@ evaluation (periodic and final report, one code path for the CLI and the Ray wor
 an export records. Adding a task or a teacher family = one new module + its import below.
 """
 
-from rcm_core.tasks import shapes, toy2d  # noqa: F401  (importing a task module registers it)
+from rcm_core.tasks import diffusers, shapes, toy2d  # noqa: F401  (importing a task module registers it)
 from rcm_core.tasks.base import (
     TASKS,
     Task,

@@ -26,9 +26,11 @@ class Task:
     datasets: ClassVar[tuple[str, ...]]
     metric_names: ClassVar[tuple[str, ...]]  # the report's per-row metrics that go to MLflow
     uses_cuda: ClassVar[bool] = False  # train.device auto picks CUDA when available
+    teacher_is_directory: ClassVar[bool] = False  # the teacher is a folder (diffusers layout), not one file
 
     # -- config ------------------------------------------------------------------------------------
-    def preset(self) -> DistillConfig:
+    def preset(self, family: str | None = None) -> DistillConfig:
+        """The task's defaults; `family`: the teacher family they depend on (diffusers teachers), else None."""
         raise NotImplementedError
 
     # -- teachers ----------------------------------------------------------------------------------
@@ -47,6 +49,10 @@ class Task:
     def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None):
         """The data/condition source the Distiller draws from."""
         raise NotImplementedError
+
+    def prepare_data(self, data, teacher: FlowModel) -> None:
+        """Make what the data source draws from the frozen teacher (the Distiller's, sharded or not), once before
+        training; every rank calls it. Nothing by default."""
 
     def evaluate(
         self,
@@ -68,6 +74,14 @@ class Task:
     def network_config(self, cfg: DistillConfig, meta: dict) -> dict[str, Any]:
         """What rebuilds the student's network from an exported state dict."""
         raise NotImplementedError
+
+    def write_student(self, out: Path, state: dict[str, torch.Tensor], info: dict[str, Any], meta: dict) -> None:
+        """The exported student in `out`: by default student.safetensors + config.json (`info`, which holds
+        `network_config`)."""
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "student.safetensors"))
+        (out / "config.json").write_text(json.dumps(info, indent=2))
 
     def format_table(self, rows: list[dict]) -> str:
         raise NotImplementedError

@@ -34,7 +34,7 @@ class Shapes(Task):
     metric_names = ("overall", "held_out", "diversity", "recall")
     uses_cuda = True
 
-    def preset(self) -> DistillConfig:
+    def preset(self, family: str | None = None) -> DistillConfig:
         return shapes_rcm()
 
     def builtin_teacher(self, cfg: DistillConfig, progress: Callable | None = None) -> tuple[torch.nn.Module, dict]:

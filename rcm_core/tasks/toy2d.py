@@ -29,7 +29,7 @@ class Toy2D(Task):
     datasets = ("ring8", "grid25")
     metric_names = ("mode_coverage", "precision", "sliced_w2")
 
-    def preset(self) -> DistillConfig:
+    def preset(self, family: str | None = None) -> DistillConfig:
         return toy2d_rcm()
 
     def teacher_cache_key(self, cfg: DistillConfig) -> str:

@@ -61,6 +61,10 @@ class FakeCluster:
     def delete_input(self, bucket, key):
         self.objects.pop((bucket, key), None)
 
+    def read_input(self, bucket, key, max_bytes):
+        body = self.objects.get((bucket, key))
+        return None if body is None else body[: max_bytes + 1]
+
     def effective_config(self, job_id):
         return self.effective.get(job_id)
 

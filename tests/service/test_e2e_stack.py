@@ -475,3 +475,101 @@ def test_rcm_client_submits_follows_and_cancels_jobs(stack, tmp_path):
     out = rcm("cancel", job_id)
     assert out.returncode == 0 and out.stdout.split() == [job_id, "CANCELLING"]
     _wait(tok, job_id, lambda j: j["state"] == "CANCELLED", timeout=120)
+
+
+# -- a diffusers teacher (issue 17, item 5): a tiny random Wan2.1 T2V transformer saved with save_pretrained ----------
+WAN_FOLDER = INPUTS + "wan-tiny/transformer/"
+WAN_SPEC = {
+    "name": "e2e-wan",
+    "teacher": {"uri": WAN_FOLDER},  # family read from config.json (WanTransformer3DModel -> wan2.1)
+    "data": {
+        "dataset": "teacher-synthetic",
+        "latent_shape": [4, 2, 4, 4],  # 2 x 2 x 2 = 8 tokens after patch (1, 2, 2): 4 per rank at cp_degree 2
+        "text_tokens": 6,
+        "num_prompts": 4,
+        "sample_steps": 2,
+    },
+    "method": {"critic_ratio": 1},
+    "resources": {"num_workers": 2, "cp_degree": 2, "fsdp_degree": 1},
+    "schedule": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "eval_every": 2, "seed": 5},
+    "eval": {"num_samples": 10, "teacher_steps": [4]},
+}
+
+
+@pytest.fixture(scope="module")
+def wan_teacher(stack, tmp_path_factory):
+    """The tiny Wan saved in shards with an index (as large checkpoints are), uploaded as a folder (PUT /v1/inputs)."""
+    from tests.teachers.wan_tiny import save_wan_tiny
+
+    folder = save_wan_tiny(tmp_path_factory.mktemp("wan") / "transformer", max_shard_size="40KB")
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    out = RcmClient(API, stack["tokens"]["a"]).upload_folder(folder, "wan-tiny/transformer")
+    assert out["uri"] == WAN_FOLDER
+    return folder
+
+
+def test_wan_teacher_job_with_context_parallel_succeeds_and_exports_a_diffusers_student(stack, wan_teacher, tmp_path):
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    tok = stack["tokens"]["a"]
+    job, run_id, run = _succeed(tok, WAN_SPEC, timeout=500)
+    assert job["step"] == 4 and "loss" in job["metrics"]
+    eff = job["effective_config"]  # the family's preset: Wan's guidance 5, the published recipe's lr
+    assert eff["teacher"]["family"] == "wan2.1" and eff["teacher"]["guidance_scale"] == 5.0
+    assert eff["method"]["lr"] == 2e-6 and eff["resources"]["cp_degree"] == 2
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"loss", "scm_loss", "dmd_loss", "eval/1step/rel_l2", "eval/4step/mse"} <= metrics
+    periodic = [m["step"] for m in _metric_history(run_id, "eval/1step/rel_l2")]
+    assert periodic == [2, 4], periodic  # eval_every=2, then the final report
+    ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
+    assert [c["step"] for c in ckpts] == [2, 4]
+    keys = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=f"ray/{job['id']}/")["Contents"]]
+    for c in ckpts:  # one DCP shard per rank (2 ranks), merged by Ray; the manifest written once both are there
+        prefix = c["uri"].removeprefix("s3://ckpt/") + "/"
+        inside = [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
+        assert sum(k.endswith(".distcp") for k in inside) == 2 and "manifest.json" in inside, inside
+    report = _export_report(stack, job)
+    rows = [(r["model"].split(" (")[0], r["steps"]) for r in report["rows"]]
+    assert rows == [("teacher", 4)] + [("student", s) for s in (1, 2, 4)]
+    assert all(math.isfinite(r["rel_l2"]) and r["rel_l2"] >= 0 for r in report["rows"])
+    # the student in diffusers layout: from_pretrained loads it, with the teacher's keys and trained weights
+    export = tmp_path / "transformer"
+    export.mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        key = f"jobs/{job['id']}/export/transformer/{name}"
+        (export / name).write_bytes(stack["s3"].get_object(Bucket="ckpt", Key=key)["Body"].read())
+    student = WanTransformer3DModel.from_pretrained(str(export))
+    teacher = WanTransformer3DModel.from_pretrained(str(wan_teacher))
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    assert s_state.keys() == t_state.keys()
+    assert s_state.keys() == load_file(str(export / "diffusion_pytorch_model.safetensors")).keys()
+    assert any(not (s_state[k] == t_state[k]).all() for k in t_state)  # trained, not the teacher copied
+
+
+def test_wan_teacher_folder_the_job_cannot_use_is_refused_with_the_field(stack, wan_teacher, tmp_path):
+    """Against the stack's own SeaweedFS: a folder without config.json, an unsupported class, a family that
+    disagrees and a cp_degree the heads do not divide are 422s naming the field; nothing is queued."""
+    tok = stack["tokens"]["a"]
+    client = RcmClient(API, tok)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights the API never reads")
+    client.upload_folder(tmp_path / "unet", "unet/transformer")
+    client.upload(wan_teacher / "diffusion_pytorch_model.safetensors.index.json", "no-config/x.safetensors.index.json")
+    before = httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"]
+    cases = [
+        ({"teacher": {"uri": INPUTS + "no-config/"}}, ["body", "teacher", "uri"], "not a diffusers transformer folder"),
+        ({"teacher": {"uri": INPUTS + "unet/transformer/"}}, ["body", "teacher", "uri"], "is not a supported one"),
+        ({"teacher": {"uri": WAN_FOLDER, "family": "cosmos-predict2"}}, ["body", "teacher", "family"], "wan2.1"),
+        (
+            {"resources": {"num_workers": 4, "cp_degree": 4, "fsdp_degree": 1}},
+            ["body", "resources", "cp_degree"],
+            "num_attention_heads (2) is not divisible by cp_degree (4)",
+        ),
+    ]
+    for change, loc, expected in cases:
+        r = httpx.post(f"{API}/v1/jobs", json={**WAN_SPEC, **change}, headers=_h(tok))
+        assert r.status_code == 422, r.text
+        assert any(e["loc"] == loc and expected in e["msg"] for e in r.json()["detail"]), r.text
+    assert httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"] == before

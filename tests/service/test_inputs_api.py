@@ -60,13 +60,31 @@ def test_upload_input_then_submit_a_job_naming_it(app_and_tokens):
     assert ("ckpt", "tenants/tenant-a/teacher.safetensors") not in cluster.objects
 
 
-@pytest.mark.parametrize("name", ["..", ".hidden", "a/b", "x" * 200, "sp ace"])
+# Names are paths of up to 8 segments (a teacher folder's files); a segment that is empty, '.', '..' or hidden,
+# too long, or with characters outside letters, digits and . _ - is refused, as is a 9th segment.
+@pytest.mark.parametrize(
+    "name",
+    ["..", ".hidden", "x" * 200, "sp ace", "a/%2E%2E/b", "a//b", "a/.hidden/b", "a/b/", "/a", "/".join("a" * 9)],
+)
 def test_upload_input_bad_name_is_rejected(app_and_tokens, name):
     client, tokens, cluster, _ = app_and_tokens
     before = dict(cluster.objects)
     r = client.put(f"/v1/inputs/{name}", content=b"x", headers=_h(tokens["a"]))
-    assert r.status_code in (404, 422), r.text  # a '/' leaves the route (404); the rest fail the name pattern
+    assert r.status_code in (404, 422), r.text  # a path the router does not match (404) or the name pattern
     assert cluster.objects == before
+
+
+def test_upload_input_into_a_folder_gives_the_folder_uri(app_and_tokens):
+    """A diffusers teacher is a folder: its files go up as FOLDER/FILE, and the job names s3://.../FOLDER/."""
+    client, tokens, cluster, _ = app_and_tokens
+    r = client.put("/v1/inputs/wan/transformer/config.json", content=b"{}", headers=_h(tokens["a"]))
+    assert r.status_code == 201, r.text
+    assert r.json() == {"name": "wan/transformer/config.json", "uri": OWN + "wan/transformer/config.json", "size": 2}
+    assert cluster.objects[("ckpt", "tenants/tenant-a/wan/transformer/config.json")] == b"{}"
+    listed = client.get("/v1/inputs", headers=_h(tokens["a"])).json()
+    assert "wan/transformer/config.json" in {i["name"] for i in listed}
+    r = client.delete("/v1/inputs/wan/transformer/config.json", headers=_h(tokens["a"]))
+    assert r.status_code == 204 and ("ckpt", "tenants/tenant-a/wan/transformer/config.json") not in cluster.objects
 
 
 def test_upload_input_over_the_limit_413_also_when_chunked(app_and_tokens):

@@ -9,7 +9,9 @@ ROOT = Path(__file__).parents[2]
 FORBIDDEN = {
     "rcm_core": {"ray", "fastapi", "service", "workers", "mlflow", "boto3"},
     "workers": {"service", "fastapi"},
-    "service": {"torch", "rcm_core", "workers", "triton", "rcm_client"},
+    # the API image installs only service/'s imports: no torch, and no diffusers / accelerate (issue 17's teachers
+    # are checked from their config.json alone, service/teachers.py)
+    "service": {"torch", "rcm_core", "workers", "triton", "rcm_client", "diffusers", "accelerate", "safetensors"},
     # the client installs without the method: a job command needs httpx and yaml only
     "rcm_client": {"service", "workers", "fastapi", "ray", "torch", "rcm_core"},
 }

@@ -180,3 +180,26 @@ def test_stored_teacher_row_labels_the_shipped_teachers_gpu_evaluation():
     assert row["overall"] == 0.94 and row["held_out"] == 0.826 and row["two_object"] == 0.833
     assert "CFG 1.5" in stored_teacher_row(meta, 1.4)["model"]  # the nearest stored guidance scale
     assert stored_teacher_row({"training": {}}, 2.0) is None
+
+
+def test_diffusers_teacher_defaults_come_from_its_family():
+    """A diffusers teacher's preset depends on its family (read from config.json by the entrypoint when the spec
+    leaves teacher.family out): Wan's guidance 5 and the published Wan recipe; a value the user set wins."""
+    from rcm_core.config import diffusers_rcm
+
+    payload = {
+        "name": "w",
+        "teacher": {"uri": "s3://ckpt/tenants/demo/wan/transformer/"},
+        "data": {"dataset": "teacher-synthetic", "latent_shape": [16, 1, 8, 8]},
+    }
+    job = job_config(_stored(payload), output_dir="x", teacher_family="wan2.1")
+    assert job.distill.task == "diffusers" and job.distill.teacher.family == "wan2.1"
+    assert job.distill.teacher.guidance_scale == 5.0 and job.distill.optim == diffusers_rcm().optim
+    assert (job.distill.optim.lr, job.distill.loss.p_mean, job.distill.loss.critic_ratio) == (2e-6, 0.7, 4)
+    assert effective_spec(job)["teacher"]["family"] == "wan2.1"
+    payload["teacher"] |= {"family": "wan2.1", "guidance_scale": 3.0}
+    assert job_config(_stored(payload), output_dir="x").distill.teacher.guidance_scale == 3.0
+    with pytest.raises(ConfigError, match="teacher.family: must be one of"):
+        job_config(
+            {**_stored(payload), "teacher": {"uri": payload["teacher"]["uri"]}}, output_dir="x", teacher_family="x"
+        )

@@ -15,7 +15,14 @@ from service.schemas import InputPublic
 from service.settings import get_settings
 
 router = APIRouter(prefix="/v1/inputs", tags=["inputs"])
-NameParam = Annotated[str, Path(pattern=INPUT_NAME.pattern, description="file name: letters, digits, . _ -")]
+NameParam = Annotated[
+    str,
+    Path(
+        pattern=INPUT_NAME.pattern,
+        description="file name (letters, digits, . _ -), or a path of up to 8 such names (a teacher folder's file: "
+        "wan/transformer/config.json)",
+    ),
+]
 SPOOL_BYTES = 8 * 2**20  # uploads larger than this are buffered on disk, not in memory
 
 
@@ -29,7 +36,7 @@ _RAW_BODY = {
 
 
 @router.put(
-    "/{name}",
+    "/{name:path}",
     status_code=status.HTTP_201_CREATED,
     response_model=InputPublic,
     openapi_extra=_RAW_BODY,
@@ -63,7 +70,7 @@ def read_inputs(tenant: TenantDep, cluster: ClusterDep) -> list[InputPublic]:
     ]
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 429, 503))
+@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 429, 503))
 def delete_input(name: NameParam, tenant: TenantDep, cluster: ClusterDep) -> None:
     """Delete this tenant's input `name` (jobs already running keep their own copy)."""
     settings = get_settings()

@@ -13,8 +13,17 @@ from service.api.deps import ClusterDep, SessionDep, TenantDep
 from service.api.errors import error_responses, validation_error
 from service.db import Job
 from service.inputs import input_errors
-from service.schemas import TERMINAL_STATES, CheckpointPublic, JobCreate, JobPublic, JobsPublic, JobState
+from service.schemas import (
+    TERMINAL_STATES,
+    CheckpointPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    JobState,
+    is_teacher_folder,
+)
 from service.settings import get_settings
+from service.teachers import CONFIG_NAME, MAX_CONFIG_BYTES, folder_key, teacher_errors
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -73,6 +82,13 @@ def create_job(
     errors = input_errors(spec, tenant, get_settings())
     if errors:  # an object outside the caller's input prefix: refused before anything reads it
         raise RequestValidationError(errors)
+    if is_teacher_folder(spec.teacher.uri):  # a diffusers transformer: its config.json must fit the job
+        bucket, prefix = folder_key(spec.teacher.uri)
+        files = {o["key"].removeprefix(prefix) for o in cluster.list_inputs(bucket, prefix)}
+        raw = cluster.read_input(bucket, prefix + CONFIG_NAME, MAX_CONFIG_BYTES) if CONFIG_NAME in files else None
+        errors = teacher_errors(spec, raw, files)
+        if errors:
+            raise RequestValidationError(errors)
     cap = get_settings().MAX_WORKERS_PER_JOB
     if spec.resources.num_workers > cap:  # a deployment setting, so checked here rather than in the schema
         raise validation_error(
