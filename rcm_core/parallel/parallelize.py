@@ -140,8 +140,11 @@ def net_copier(
 ) -> Callable[[nn.Module], nn.Module]:
     """The Distiller's `copy_net`: a parallel copy of the given network (teacher, student, fake, EMA).
 
-    A bare DiT is built on `meta` and loaded (each rank allocates only its shards); any other tree with DiTs
-    inside is deep-copied to the device, then parallelized in place.
+    A bare DiT is built on `meta` and loaded (each rank allocates only its shards). Any other tree with
+    TokenNets inside (a text encoder + DiT, a diffusers family's net) is cloned onto `meta` (structure only, no
+    weight copied), parallelized, materialised on the device (this rank's shards only) and loaded from the
+    source's full state dict; buffers are copied from the source. A 14B Wan student then never exists
+    unsharded on the GPU (a plain deep copy would put 57 GB of float32 weights on every rank per copy).
     """
 
     def copy_net(net: nn.Module) -> nn.Module:
@@ -151,6 +154,23 @@ def net_copier(
             )
         if not dits_in(net):
             raise TypeError(f"rcm_core.parallel parallelizes networks with DiT blocks, got {type(net).__name__}")
-        return parallelize_net(copy.deepcopy(net).to(device), parallel_dims=parallel_dims, config=config)
+        model = parallelize_net(meta_clone(net), parallel_dims=parallel_dims, config=config)
+        model.to_empty(device=device)
+        set_model_state_dict(model, net.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True))
+        with torch.no_grad():
+            for name, buf in net.named_buffers():  # incl. non-persistent ones, which no state dict holds
+                model.get_buffer(name).copy_(buf)
+        return model
 
     return copy_net
+
+
+def meta_clone(net: nn.Module) -> nn.Module:
+    """A deep copy of `net` whose parameters and buffers are empty tensors on `meta` (same dtypes, shapes and
+    requires_grad); everything else (module classes, attributes, hooks installed as attributes) is copied."""
+    memo: dict[int, object] = {}
+    for p in net.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in net.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(net, memo)
