@@ -281,7 +281,7 @@ def _media_latents(vae, media: list[Path], cfg: PrepareConfig):
         pixels = torch.stack([load_pixels(m, (h, w), f"--media: line {lo + i + 1}") for i, m in enumerate(items)])
         return vae.encode(pixels)  # (B, C, F', H', W')
 
-    return fn, shape, None
+    return fn, shape
 
 
 def _teacher_latents(text, cfg: PrepareConfig):

@@ -112,6 +112,18 @@ def _identity(path: Path, index: dict, name: str, cls: str) -> dict[str, Any]:
     return {"class": cls, "component": name, "source": source, "config_sha256": _sha256_of(folder, ("config.json",))}
 
 
+def _quiet_loading() -> None:
+    """No weight-loading progress bars or info chatter from transformers / diffusers: the command prints its own
+    progress lines, and its stderr stays one line on an error."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def _load_error(name: str, path: Path, exc: Exception) -> ConfigError:
     # one line naming the component; the library's message may hold a long path or repository hint, keep it short
     return ConfigError(f"--pipeline: cannot load {name} from {path / name} ({type(exc).__name__})")
@@ -124,6 +136,7 @@ class TextEncoder:
                  device: str | torch.device = "cpu"):  # fmt: skip
         import transformers
 
+        _quiet_loading()
         path = Path(path)
         index = read_model_index(path)
         self.kind = pipeline_kind(index)
@@ -193,6 +206,7 @@ class LatentEncoder:
     def __init__(self, path: str | Path, *, dtype=None, device: str | torch.device = "cpu"):
         import diffusers
 
+        _quiet_loading()
         path = Path(path)
         index = read_model_index(path)
         self.kind = pipeline_kind(index)
@@ -209,6 +223,9 @@ class LatentEncoder:
             raise ConfigError("--pipeline: a patchified Wan VAE (Wan2.2) is not supported")
         self.channels = int(cfg.z_dim)
         self.temporal_factor = 2 ** sum(cfg.temperal_downsample)  # frames 1 + k * factor -> 1 + k latent frames
+        if self.temporal_factor != 4:
+            # AutoencoderKLWan._encode feeds frames in chunks of 1 + 4k whatever its config says
+            raise ConfigError(f"--pipeline: the VAE's temporal factor is {self.temporal_factor}; the Wan VAE needs 4")
         self.spatial_factor = 2 ** len(cfg.temperal_downsample)  # what WanPipeline uses as vae_scale_factor_spatial
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)

@@ -2,10 +2,10 @@
 
 Everything is built offline in the test: a T5 tokenizer over a small Unigram vocabulary (words plus single letters,
 so any lowercase text tokenizes), a random `UMT5EncoderModel` / `T5EncoderModel`, a random `AutoencoderKLWan`
-(z_dim 4, spatial factor 4, temporal factor 2) with non-trivial latents_mean/std, and the tiny transformers of
-wan_tiny / cosmos_tiny. Wan's directory is written by `WanPipeline.save_pretrained` (the layout a user has);
-Cosmos2's pipeline cannot be constructed without its guardrail package, so its model_index.json is written in
-the same layout by hand.
+(z_dim 4, spatial factor 8, temporal factor 4, as Wan2.1's) with non-trivial latents_mean/std, and the tiny
+transformers of wan_tiny / cosmos_tiny. Wan's directory is written by `WanPipeline.save_pretrained` (the layout
+a user has); Cosmos2's pipeline cannot be constructed without its guardrail package, so its model_index.json is
+written in the same layout by hand.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 WORDS = "a cat dog on the mat red blue big small runs jumps under sky &amp; sees".split()
-IMAGE_SIZE = (16, 32)  # (H, W) pixels -> latent (4, 1, 4, 8): fits the tiny Wan's patch (1, 2, 2) and RoPE
+IMAGE_SIZE = (32, 64)  # (H, W) pixels -> latent (4, 1, 4, 8): fits the tiny Wan's patch (1, 2, 2) and RoPE
 
 
 def tiny_tokenizer():
@@ -49,9 +49,9 @@ def tiny_vae(seed: int = 0):
         vae = AutoencoderKLWan(
             base_dim=8,
             z_dim=4,
-            dim_mult=[1, 1, 1],
+            dim_mult=[1, 1, 1, 1],
             num_res_blocks=1,
-            temperal_downsample=[False, True],
+            temperal_downsample=[False, True, True],  # as Wan2.1's: spatial 8, temporal 4
             latents_mean=[0.1, -0.2, 0.3, -0.4],
             latents_std=[1.5, 0.5, 2.0, 0.8],
         )
