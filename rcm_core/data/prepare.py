@@ -128,8 +128,20 @@ def read_media_list(path: str | Path, num_prompts: int) -> list[Path]:
             raise ConfigError(f"--media: {path}: line {n}: {entry.suffix or 'no suffix'} is not an image type")
         if entry.is_dir() and not _frames(entry):
             raise ConfigError(f"--media: {path}: line {n}: the folder has no frame images")
+        for f in _frames(entry) if entry.is_dir() else [entry]:
+            _check_image(f, f"--media: {path}: line {n}")  # before any model loads: fail early, not at line 900
         items.append(entry)
     return items
+
+
+def _check_image(f: Path, where: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f):  # reads the header only
+            pass
+    except (UnidentifiedImageError, OSError):
+        raise ConfigError(f"{where}: {f.name} is not a readable image") from None
 
 
 def _frames(folder: Path) -> list[Path]:
@@ -252,14 +264,14 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[str], None] = lam
 def _vae_identity(pipeline: str) -> dict | None:
     """The VAE's identity from its config alone (prompts-only and synthesised datasets: latents live in its
     space, so a reader can tell which VAE decodes them), without loading its weights."""
-    from rcm_core.teachers.pipeline_parts import _identity, read_model_index
+    from rcm_core.teachers.pipeline_parts import component_identity, read_model_index
 
     path = Path(pipeline)
     index = read_model_index(path)
     entry = index.get("vae")
     if not (isinstance(entry, list) and len(entry) == 2 and (path / "vae").is_dir()):
         return None
-    return _identity(path, index, "vae", str(entry[1]))
+    return component_identity(path, index, "vae", str(entry[1]))
 
 
 def _media_latents(vae, media: list[Path], cfg: PrepareConfig):
@@ -287,6 +299,7 @@ def _media_latents(vae, media: list[Path], cfg: PrepareConfig):
 def _teacher_latents(text, cfg: PrepareConfig):
     from rcm_core.models.flow import guided_f
     from rcm_core.sampling import sample_euler
+    from rcm_core.tasks.diffusers import text_dim
     from rcm_core.teachers import detect_family, load_diffusers_teacher, read_config
 
     transformer = Path(cfg.pipeline) / "transformer"
@@ -294,6 +307,9 @@ def _teacher_latents(text, cfg: PrepareConfig):
     family = detect_family(config)
     if family.name != text.kind.family:
         raise ConfigError(f"--pipeline: the transformer is {family.name}, the pipeline is {text.kind.family}")
+    width = text_dim(config)
+    if width != text.dim:
+        raise ConfigError(f"--pipeline: the text encoder gives {text.dim}-wide tokens, the transformer takes {width}")
     shape = tuple(cfg.latent_shape)
     if config.get("in_channels") is not None and shape[0] != config["in_channels"]:
         raise ConfigError(f"--latent-shape: {shape[0]} channels, the teacher takes in_channels={config['in_channels']}")

@@ -105,7 +105,8 @@ def _sha256_of(folder: Path, names: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
-def _identity(path: Path, index: dict, name: str, cls: str) -> dict[str, Any]:
+def component_identity(path: Path, index: dict, name: str, cls: str) -> dict[str, Any]:
+    """Class, component, source (hub id or local folder) and config hash of one pipeline component."""
     folder = path / name
     # the hub id when the pipeline was saved from one (diffusers records _name_or_path), else the local folder
     source = index.get("_name_or_path") or str(path.resolve())
@@ -159,7 +160,7 @@ class TextEncoder:
         self.dim = int(self.model.config.d_model)
         tokenizer_files = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
         self.identity = {
-            **_identity(path, index, "text_encoder", cls),
+            **component_identity(path, index, "text_encoder", cls),
             "pipeline": index["_class_name"],
             "family": self.kind.family,
             "tokenizer": {
@@ -230,7 +231,7 @@ class LatentEncoder:
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.identity = {
-            **_identity(path, index, "vae", cls),
+            **component_identity(path, index, "vae", cls),
             "normalisation": "(mode(z) - latents_mean) / latents_std * sigma_data",
             "sigma_data": self.kind.sigma_data,
             "dtype": str(self.vae.dtype).removeprefix("torch."),
@@ -256,6 +257,7 @@ __all__ = [
     "LatentEncoder",
     "PIPELINES",
     "PipelineKind",
+    "component_identity",
     "TextEncoder",
     "pipeline_kind",
     "read_model_index",

@@ -247,14 +247,18 @@ def test_prepare_writes_shards_to_s3(wan_dir, tmp_path, monkeypatch):
 
 
 def _bad_input_cases(tmp_path: Path, wan_dir: Path) -> dict[str, tuple[list, str]]:
+    from PIL import Image
+
     p = tmp_path
+    Image.fromarray(_pixels(0)).save(p / "good.png")
+    (p / "good.txt").write_text("good.png\ngood.png\n")
     (p / "bad_utf8.txt").write_bytes(b"a cat\nthe \xff dog\n")
     (p / "blank.txt").write_text("a cat\ndog\n\nsky\n")
     (p / "ctrl.txt").write_text("a cat\nthe\x00dog\n")
     (p / "empty.txt").write_text("")
     (p / "ok.txt").write_text("a cat\ndog\n")
     (p / "one.txt").write_text("a.png\n")
-    (p / "video.txt").write_text("a.png\nclip.mp4\n")
+    (p / "video.txt").write_text("good.png\nclip.mp4\n")
     (p / "a.png").write_bytes(b"not really a png")
     (p / "clip.mp4").write_bytes(b"\0")
     (p / "two.txt").write_text("a.png\na.png\n")
@@ -273,7 +277,7 @@ def _bad_input_cases(tmp_path: Path, wan_dir: Path) -> dict[str, tuple[list, str
         "media count": ([ok, *pipe, *out, "--media", str(p / "one.txt"), "--size", "32x64"], "has 1 lines"),
         "video file": ([ok, *pipe, *out, "--media", str(p / "video.txt"), "--size", "32x64"], "line 2: video files"),
         "bad image": ([ok, *pipe, *out, "--media", str(p / "two.txt"), "--size", "32x64"], "a.png is not a readable"),
-        "size": ([ok, *pipe, *out, "--media", str(p / "two.txt"), "--size", "36x64"], "divisible by the VAE"),
+        "size": ([ok, *pipe, *out, "--media", str(p / "good.txt"), "--size", "36x64"], "divisible by the VAE"),
         "no shape": ([ok, *pipe, *out, "--synthesize"], "--latent-shape: required"),
         "channels": ([ok, *pipe, *out, "--synthesize", "--latent-shape", "3,1,4,8"], "in_channels=4"),
         "existing": ([ok, *pipe, "--out", str(p / "existing")], "already holds a dataset"),
@@ -301,3 +305,18 @@ def test_rcm_command_data_prepare_bad_line_exits_2(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"rcm: error: prompts: {tmp_path / 'p.txt'}: line 2: not UTF-8 (byte 1)"
     ]
+
+
+def test_prepare_synthesize_refuses_encoder_width_unlike_teacher(wan_dir, tmp_path, capsys):
+    import shutil
+
+    from tests.teachers.pipeline_tiny import tiny_text_encoder, tiny_tokenizer
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(wan_dir, pipeline)
+    shutil.rmtree(pipeline / "text_encoder")
+    tiny_text_encoder("UMT5EncoderModel", 16, len(tiny_tokenizer())).save_pretrained(str(pipeline / "text_encoder"))
+    args = [_prompt_file(tmp_path), "--pipeline", pipeline, "--out", tmp_path / "ds", "--synthesize"]
+    assert _prepare(*args, "--latent-shape", "4,1,4,8", "--max-sequence-length", 8) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rcm: error: --pipeline: the text encoder gives 16-wide tokens, the transformer takes 24"
