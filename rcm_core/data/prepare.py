@@ -233,6 +233,7 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: Callable[[str], None] = lam
         batch = prompts[lo : lo + cfg.batch_size]
         t0 = time.perf_counter()
         tokens, lengths = text.encode(batch)
+        tokens = tokens.cpu()  # inside the timed window: on a GPU this waits for the encoder's kernels
         text_s += time.perf_counter() - t0
         latents = None
         if latents_fn is not None:

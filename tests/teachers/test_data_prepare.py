@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rcm_core.cli import main
+from rcm_core.config import ConfigError
 from rcm_core.data.latent_shards import iter_shard, read_manifest
 from tests.teachers.pipeline_tiny import IMAGE_SIZE, save_cosmos_pipeline, save_wan_pipeline
 
@@ -240,7 +241,7 @@ def test_prepare_writes_shards_to_s3(wan_dir, tmp_path, monkeypatch):
         assert [r["caption"] for r in rows] == PROMPTS[:3]
         before = client.get_object(Bucket="ckpt", Key="tenants/t1/inputs/datasets/x/manifest.json")["Body"].read()
         # a second run into the same prefix is refused and leaves the dataset as it was
-        with pytest.raises(Exception, match="already holds a dataset"):
+        with pytest.raises(ConfigError, match="already holds a dataset"):
             open_output(uri)
         after = client.get_object(Bucket="ckpt", Key="tenants/t1/inputs/datasets/x/manifest.json")["Body"].read()
         assert before == after and json.loads(after)["count"] == 3
