@@ -289,6 +289,63 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _size(value: str) -> tuple[int, int]:
+    """'480x832' -> (480, 832): height x width in pixels."""
+    h, sep, w = value.lower().partition("x")
+    try:
+        size = (int(h), int(w))
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 480x832; got {value!r}")
+    return size
+
+
+def _latent_shape(value: str) -> tuple[int, int, int, int]:
+    """'16,21,60,104' -> (C, F, H, W), each >= 1."""
+    parts = value.split(",")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected C,F,H,W (4 integers), got {value!r}")
+    return tuple(_positive_int(v) for v in parts)  # type: ignore[return-value]
+
+
+def cmd_data_prepare(args) -> int:
+    from rcm_core.data.prepare import PrepareConfig, prepare_dataset
+
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    cfg = PrepareConfig(
+        prompts=args.prompts,
+        pipeline=args.pipeline,
+        out=args.out,
+        media=args.media,
+        size=args.size,
+        synthesize=args.synthesize,
+        latent_shape=args.latent_shape,
+        steps=args.steps,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        samples_per_shard=args.samples_per_shard,
+        max_sequence_length=args.max_sequence_length,
+        dtype=args.dtype,
+        device=device,
+    )
+    summary = prepare_dataset(cfg, progress=lambda line: print(line, flush=True))
+    latents = f"{summary['latents_per_s']:.2f} latents/s" if summary["latents_per_s"] is not None else "no latents"
+    print(
+        f"[prepare] {summary['count']} samples in {summary['shards']} shard(s) -> {summary['out']} "
+        f"({summary['seconds']:.1f}s; text encoder {summary['prompts_per_s']:.2f} prompts/s, {latents})"
+    )
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="rcm",
@@ -374,6 +431,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", choices=["ema", "raw"], default="ema", help="shapes: EMA (default) or raw student")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every student run")
     b.set_defaults(func=cmd_bench)
+
+    dt = sub.add_parser("data", help="dataset commands")
+    dsub = dt.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dp = dsub.add_parser(
+        "prepare",
+        help="prompt file (+ images / frame folders, or --synthesize) -> rcm-latents-v1 shards, encoded with the "
+        "teacher pipeline's own text encoder and VAE",
+    )
+    dp.add_argument("prompts", help="prompt file: UTF-8, one prompt per line")
+    dp.add_argument(
+        "--pipeline", required=True, help="diffusers pipeline directory (model_index.json, tokenizer/, ...)"
+    )
+    dp.add_argument("--out", required=True, help="output: a local directory or s3://bucket/prefix (must be new)")
+    dp.add_argument("--media", help="list file: line i is the image or frame folder for prompt i (VAE latents)")
+    dp.add_argument("--size", type=_size, help="with --media: HEIGHTxWIDTH pixels (resize to cover + centre crop)")
+    dp.add_argument("--synthesize", action="store_true", help="latents = the teacher transformer's samples")
+    dp.add_argument("--latent-shape", type=_latent_shape, help="with --synthesize: C,F,H,W of each latent")
+    dp.add_argument("--steps", type=_positive_int, default=50, help="with --synthesize: teacher Euler steps")
+    dp.add_argument("--guidance", type=float, help="with --synthesize: CFG scale as the pipeline takes it "
+                    "(default: the family's, Wan 5.0, Cosmos 7.0)")  # fmt: skip
+    dp.add_argument("--negative-prompt", help="with --synthesize: default the pipeline's default negative prompt")
+    dp.add_argument("--seed", type=int, default=0, help="with --synthesize: sample i's noise is seeded SEED + i")
+    dp.add_argument("--batch-size", type=_positive_int, default=8)
+    dp.add_argument("--samples-per-shard", type=_positive_int, default=256)
+    dp.add_argument("--max-sequence-length", type=_positive_int, default=512, help="text tokens per prompt")
+    dp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    dp.add_argument("--device", help="default: cuda when available, else cpu")
+    dp.set_defaults(func=cmd_data_prepare)
     return p
 
 

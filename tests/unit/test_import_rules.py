@@ -54,6 +54,28 @@ def test_diffusers_only_in_teachers():
     assert not offenders
 
 
+def test_transformers_only_in_teachers():
+    # transformers (the pipelines' text encoders, rcm data prepare) costs seconds of import, like diffusers
+    offenders = [
+        str(f.relative_to(ROOT))
+        for f in (ROOT / "rcm_core").rglob("*.py")
+        if "teachers" not in f.parts and "transformers" in _imports(f)
+    ]
+    assert not offenders
+
+
+def test_importing_rcm_core_cli_and_data_prepare_does_not_import_diffusers_or_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rcm_core.cli, rcm_core.data.prepare, rcm_core.teachers.pipeline_parts; "
+        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
 def test_importing_rcm_core_tasks_does_not_import_diffusers():
     import subprocess
     import sys
