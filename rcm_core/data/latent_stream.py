@@ -21,6 +21,7 @@ on the device), mask (L,) bool. The position is the caller's to store (e.g. in a
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,6 +31,19 @@ import pyarrow.parquet as pq
 import torch
 
 from rcm_core.data.latent_shards import DTYPES, Manifest, ShardFormatError, read_manifest
+
+
+@dataclass
+class DataAccess:
+    """Where and as which data-parallel rank a process reads a dataset (the entry point knows both: the Ray worker
+    passes its S3 filesystem and its rank in the data-parallel group; the local CLI the defaults)."""
+
+    fs: pafs.FileSystem | None = None  # None: the local filesystem, with data.uri a directory
+    root: str | None = None  # the dataset's path under fs; None: data.uri
+    dp_rank: int = 0
+    dp_size: int = 1
+    # every data-parallel rank's rows concatenated in rank order (a collective); None with one rank
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -239,4 +253,4 @@ def collate(samples: list[dict]) -> tuple[torch.Tensor | None, dict[str, torch.T
     return x0, {"tokens": tokens, "mask": mask}
 
 
-__all__ = ["LatentStream", "RowGroup", "collate", "epoch_order", "list_row_groups"]
+__all__ = ["DataAccess", "LatentStream", "RowGroup", "collate", "epoch_order", "list_row_groups"]
