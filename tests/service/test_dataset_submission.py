@@ -16,12 +16,16 @@ app_and_tokens = test_jobs_api.app_and_tokens  # the API unit tests' app (real a
 
 
 def manifest(dim=16, latent=(4, 2, 4, 4)) -> bytes:
-    return Manifest(
-        count=8,
-        shards=[{"name": "shard-00000.parquet", "count": 8}],
-        text={"tokens": 6, "dim": dim, "dtype": "bfloat16"},
-        latent=None if latent is None else {"shape": list(latent), "dtype": "float32"},
-    ).to_json().encode()
+    return (
+        Manifest(
+            count=8,
+            shards=[{"name": "shard-00000.parquet", "count": 8}],
+            text={"tokens": 6, "dim": dim, "dtype": "bfloat16"},
+            latent=None if latent is None else {"shape": list(latent), "dtype": "float32"},
+        )
+        .to_json()
+        .encode()
+    )
 
 
 @pytest.fixture(scope="module")
