@@ -1,8 +1,11 @@
 """The diffusers task: rCM of a diffusers transformer (a family of rcm_core.teachers: Wan2.1, Cosmos-Predict2)
 into a few-step student of the same architecture, initialised (with the fake score) from the teacher's weights.
 
-Data (dataset "teacher-synthetic"). Until dataset shards arrive (issue 18) a job has no prompts and no latents.
-Both are made here, and the README says so:
+Data, dataset "latents" (`DatasetData`): an rcm-latents-v1 dataset at data.uri (rcm_core.data.latent_shards,
+written by `rcm data prepare`), streamed by each data-parallel rank (rcm_core.data.latent_stream): encoded
+prompts and their clean latents; a prompts-only dataset trains DMD only (see DatasetData).
+Data, dataset "teacher-synthetic" (`TeacherSyntheticData`): no prompts and no latents; both are made here, and the
+README says so:
 - conditions are PLACEHOLDER prompts: seeded random text-embedding tokens (B, text_tokens, text_dim), standard
   normal, each prompt a random length with the rest padding (mask False, embeddings zeroed as both pipelines do).
   They are not encoded text: the student learns the teacher's behaviour on these inputs, not on real captions;

@@ -613,6 +613,8 @@ def _data_positions(stack, checkpoint_uri: str, tmp_path: Path):
     prefix = checkpoint_uri.removeprefix("s3://ckpt/") + "/"
     local = tmp_path / prefix.strip("/").replace("/", "_")
     for obj in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=prefix)["Contents"]:
+        if obj["Key"].endswith("/"):  # a folder marker, not a file of the checkpoint
+            continue
         dest = local / obj["Key"].removeprefix(prefix)
         dest.parent.mkdir(parents=True, exist_ok=True)
         stack["s3"].download_file("ckpt", obj["Key"], str(dest))
@@ -630,7 +632,7 @@ def test_wan_job_on_a_stored_dataset_succeeds_with_two_data_parallel_readers(sta
         "teacher": {"uri": WAN_FOLDER},
         "data": {"uri": DATASET, "shuffle_buffer": 3},
         "method": {"critic_ratio": 1},
-        "resources": {"num_workers": 2},  # fsdp_degree 2: two data-parallel readers
+        "resources": {"num_workers": 2, "fsdp_degree": 2},  # two data-parallel readers
         "schedule": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "seed": 5},
         "eval": {"num_samples": 10, "teacher_steps": [2]},
     }
