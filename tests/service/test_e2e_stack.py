@@ -581,7 +581,7 @@ DATASET = INPUTS + "datasets/wan-e2e/"
 
 def _write_dataset(stack, uri, *, text_dim=24, count=12):
     """`count` samples for the tiny Wan (latent (4, 2, 4, 4), 6 x text_dim tokens) through ShardWriter over pyarrow's
-    S3 filesystem, in row groups of 2 (so that 2 data-parallel workers each get a share)."""
+    S3 filesystem: shards of 4 in row groups of 2 (so that 2 data-parallel workers get equal shares)."""
     import pyarrow.fs as pafs
     import torch
 
@@ -598,7 +598,7 @@ def _write_dataset(stack, uri, *, text_dim=24, count=12):
     gen = torch.Generator().manual_seed(3)
     root = uri.removeprefix("s3://").rstrip("/")
     with ShardWriter(
-        fs, root, text_tokens=6, text_dim=text_dim, latent_shape=(4, 2, 4, 4), samples_per_shard=5, row_group_size=2
+        fs, root, text_tokens=6, text_dim=text_dim, latent_shape=(4, 2, 4, 4), samples_per_shard=4, row_group_size=2
     ) as w:
         for i in range(count):
             tokens = torch.randn(6, text_dim, generator=gen)
