@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class DataConfig:
     # ring8 / grid25: 2-D mixtures of Gaussians (MLP teacher); shapes: the built-in text-to-image task;
-    # teacher-synthetic: a diffusers teacher's own samples on placeholder text conditions (rcm_core.tasks.diffusers)
-    dataset: Literal["ring8", "grid25", "shapes", "teacher-synthetic"] = "ring8"
+    # teacher-synthetic: a diffusers teacher's own samples on placeholder text conditions (rcm_core.tasks.diffusers);
+    # latents: an rcm-latents-v1 dataset (rcm_core.data.latent_shards) at `uri`, streamed (diffusers teachers)
+    dataset: Literal["ring8", "grid25", "shapes", "teacher-synthetic", "latents"] = "ring8"
     mode_std: float = 0.05  # 2-D only: std of each Gaussian, in data units (data is scaled to about unit variance)
     prompt_file: str | None = None  # shapes only: draw captions from this file (one per line) instead of the grammar
     pool_size: int = 0  # shapes on a GPU: pre-render this many scenes (0 = render every batch on the CPU)
@@ -37,6 +38,9 @@ class DataConfig:
     text_tokens: int = 512  # L of the text-embedding tokens (both pipelines pad prompts to 512)
     num_prompts: int = 32  # placeholder conditions in the pool, one teacher sample x0 each
     sample_steps: int = 50  # teacher Euler steps (with CFG) that draw each pool sample
+    # latents only (latent_shape and text_tokens are then the manifest's, filled in by whoever opens the dataset):
+    uri: str | None = None  # the dataset's root: s3://bucket/prefix/ (a job) or a local directory (the CLI)
+    shuffle_buffer: int = 64  # samples in each rank's shuffle buffer (rcm_core.data.latent_stream)
 
     def __post_init__(self) -> None:
         if not self.mode_std > 0:
@@ -50,8 +54,17 @@ class DataConfig:
                 raise ValueError(f"latent_shape must be 4 positive sizes (C, F, H, W), got {self.latent_shape}")
             if min(self.text_tokens, self.num_prompts, self.sample_steps) < 1:
                 raise ValueError("text_tokens, num_prompts and sample_steps must be >= 1")
+        elif self.dataset == "latents":
+            if not self.uri:
+                raise ValueError("uri (the dataset's root) is required with dataset 'latents'")
+            if self.latent_shape and (len(self.latent_shape) != 4 or min(self.latent_shape) < 1):
+                raise ValueError(f"latent_shape must be 4 positive sizes (C, F, H, W), got {self.latent_shape}")
+            if self.shuffle_buffer < 1:
+                raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         elif self.latent_shape:
             raise ValueError(f"latent_shape is only valid with dataset 'teacher-synthetic', not {self.dataset!r}")
+        if self.uri is not None and self.dataset != "latents":
+            raise ValueError(f"uri is only valid with dataset 'latents', not {self.dataset!r}")
 
 
 @dataclass(kw_only=True)
@@ -205,7 +218,7 @@ class DistillConfig:
             raise ValueError(f"task {self.task!r} does not match data.dataset {self.data.dataset!r}")
 
 
-TASK_DATASETS = {"toy2d": ("ring8", "grid25"), "shapes": ("shapes",), "diffusers": ("teacher-synthetic",)}
+TASK_DATASETS = {"toy2d": ("ring8", "grid25"), "shapes": ("shapes",), "diffusers": ("teacher-synthetic", "latents")}
 
 
 # --------------------------------------------------------------------------------------------------- presets

@@ -232,6 +232,8 @@ class Distiller(Stateful):
         if self.fake is not None and self.fake_opt is not None:
             state["fake"] = get_model_state_dict(self.fake)
             state["fake_opt"] = get_optimizer_state_dict(self.fake, self.fake_opt)
+        if hasattr(self.task, "position_state"):  # a streamed dataset: where each rank's reader is (a collective)
+            state["data_position"] = self.task.position_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,6 +247,8 @@ class Distiller(Stateful):
         if self.fake is not None and self.fake_opt is not None:
             set_model_state_dict(self.fake, state["fake"])
             set_optimizer_state_dict(self.fake, self.fake_opt, state["fake_opt"])
+        if "data_position" in state:
+            self.task.load_position(state["data_position"])
 
 
 def _batch_size(cond) -> int:

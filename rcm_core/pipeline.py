@@ -80,14 +80,16 @@ def build_distiller(
     *,
     copy_net: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     device: torch.device | None = None,
+    access=None,
 ) -> Distiller:
-    """The Distiller for `cfg`; `copy_net` / `device` as for Distiller (sharded networks, GPU generator).
+    """The Distiller for `cfg`; `copy_net` / `device` as for Distiller (sharded networks, GPU generator);
+    `access` as for Task.build_data (a stored dataset's filesystem and this rank's share).
 
     On CUDA the losses run under bf16 autocast (the time path stays float32).
     """
     if meta.get("task", "toy2d") != cfg.task:
         raise ConfigError(f"teacher.path: a {meta.get('task')!r} teacher cannot be distilled on task {cfg.task!r}")
-    data = get_task(cfg.task).build_data(cfg, meta, device)
+    data = get_task(cfg.task).build_data(cfg, meta, device, access)
     param = meta["parameterization"]
     amp = device is not None and torch.device(device).type == "cuda"
     distiller = Distiller(

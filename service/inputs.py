@@ -25,6 +25,7 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")  # no '/': one t
 URI_FIELDS = (
     (("body", "teacher", "uri"), lambda spec: spec.teacher.uri),
     (("body", "data", "prompt_file_uri"), lambda spec: spec.data.prompt_file_uri),
+    (("body", "data", "uri"), lambda spec: spec.data.uri),
 )
 
 

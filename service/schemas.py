@@ -98,12 +98,26 @@ _PROMPT_PATH = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9._\-/]{1,512}$")
 SYNTHETIC_FIELDS = ("latent_shape", "text_tokens", "num_prompts", "sample_steps")  # teacher-synthetic only
 
 
+DIFFUSERS_DATASETS = ("teacher-synthetic", "latents")  # the datasets of a diffusers teacher (a folder)
+
+
 class DataSpec(_Strict):
-    dataset: Literal["ring8", "grid25", "shapes", "teacher-synthetic"] = Field(
+    dataset: Literal["ring8", "grid25", "shapes", "teacher-synthetic", "latents"] = Field(
         "ring8",
-        description="built-in dataset: ring8 | grid25 (2-D mixtures), shapes (text-to-image scenes), or "
+        description="built-in dataset: ring8 | grid25 (2-D mixtures), shapes (text-to-image scenes), "
         "teacher-synthetic (a diffusers teacher's own samples on placeholder prompts: seeded random text "
-        "embeddings, not encoded text; README: bring your own Wan / Cosmos teacher)",
+        "embeddings, not encoded text; README: bring your own Wan / Cosmos teacher), or latents (a stored "
+        "rcm-latents-v1 dataset at data.uri; the default when data.uri is given)",
+    )
+    uri: str | None = Field(
+        None,
+        description="latents: the dataset's folder s3://bucket/prefix/ under your input prefix (shards + "
+        "manifest.json, as `rcm data prepare` writes them); its manifest gives the latent shape and text tokens, "
+        "checked against the teacher at submission. A prompts-only dataset (no latents) trains DMD only "
+        "(method.scm_weight 0) and needs data.latent_shape for the noise",
+    )
+    shuffle_buffer: int | None = Field(
+        None, ge=1, le=100_000, description="latents: samples in each worker's shuffle buffer; default 64"
     )
     latent_shape: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         None,
@@ -134,6 +148,21 @@ class DataSpec(_Strict):
         "the prompt directory of the cluster's nodes (RCM_PROMPT_DIR)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _uri_means_latents(cls, data: Any) -> Any:
+        # `data: {"uri": ...}` alone names a stored dataset: dataset defaults to latents then, not ring8
+        if isinstance(data, dict) and data.get("uri") is not None and "dataset" not in data:
+            return {**data, "dataset": "latents"}
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _dataset_uri(cls, v: str | None) -> str | None:
+        if v is not None and not (_URI.match(v) and v.startswith("s3://") and v.endswith("/")):
+            raise ValueError("must be a dataset folder s3://bucket/prefix/ (ending in /)")
+        return v
+
     @field_validator("prompt_file_uri")
     @classmethod
     def _prompt_file_uri(cls, v: str | None) -> str | None:
@@ -145,11 +174,19 @@ class DataSpec(_Strict):
     def _fields_fit_the_dataset(self) -> DataSpec:
         if self.prompt_file_uri is not None and self.dataset != "shapes":
             raise ValueError(f"prompt_file_uri is only valid with dataset 'shapes', not {self.dataset!r}")
-        if self.dataset != "teacher-synthetic":
+        if self.dataset == "latents":  # shapes come from the dataset's manifest; latent_shape: prompts-only ones
+            if self.uri is None:
+                raise ValueError("uri (the dataset's folder s3://bucket/prefix/) is required with dataset 'latents'")
+            for name in (n for n in SYNTHETIC_FIELDS if n != "latent_shape" and getattr(self, n) is not None):
+                raise ValueError(f"{name} is only valid with dataset 'teacher-synthetic' (latents: the manifest's)")
+        elif self.dataset != "teacher-synthetic":
             for name in (n for n in SYNTHETIC_FIELDS if getattr(self, n) is not None):
                 raise ValueError(f"{name} is only valid with dataset 'teacher-synthetic', not {self.dataset!r}")
         elif self.latent_shape is None:
             raise ValueError("latent_shape [C, F, H, W] is required with dataset 'teacher-synthetic'")
+        if self.dataset != "latents":
+            for name in (n for n in ("uri", "shuffle_buffer") if getattr(self, n) is not None):
+                raise ValueError(f"{name} is only valid with dataset 'latents', not {self.dataset!r}")
         return self
 
 
@@ -308,10 +345,10 @@ class JobCreate(_Strict):
             )
         if self.data.dataset != "shapes" and self.teacher.uri == "builtin:shapes":
             raise ValueError("teacher.uri builtin:shapes is a text-to-image teacher: data.dataset must be 'shapes'")
-        if (self.data.dataset == "teacher-synthetic") != is_teacher_folder(self.teacher.uri):
+        if (self.data.dataset in DIFFUSERS_DATASETS) != is_teacher_folder(self.teacher.uri):
             raise ValueError(
                 "a diffusers teacher (teacher.uri s3://bucket/prefix/ ending in /, its transformer folder) goes with "
-                "data.dataset 'teacher-synthetic', and that dataset with such a teacher"
+                "data.dataset 'teacher-synthetic' or 'latents' (data.uri), and those datasets with such a teacher"
             )
         if self.schedule.batch_size is not None and self.schedule.batch_size % r.fsdp_degree:
             raise ValueError(

@@ -5,7 +5,8 @@ with a 422 naming the field what the workers would refuse only minutes later:
   object, an unsupported `_class_name`, or a variant its family does not support (Wan image-to-video and
   first-last-frame, Cosmos Video2World / 2.5);
 - body.teacher.family: the family the spec names loads another class than config.json's;
-- body.data.latent_shape: C is not in_channels, or (F, H, W) not divisible by patch_size;
+- body.data.latent_shape: C is not in_channels, or (F, H, W) not divisible by patch_size (data.dataset latents:
+  the dataset's manifest gives the shape, checked by service/datasets.py);
 - body.resources.cp_degree: Ulysses needs num_attention_heads and the latent's tokens divisible by cp_degree.
 Messages never quote the file (a tenant's own file, but an error body is no way to read files back).
 
@@ -62,7 +63,7 @@ def teacher_errors(spec: JobCreate, raw: bytes | None, files: set[str]) -> Error
     if not files & set(WEIGHT_NAMES):
         msg = f"no weights under it ({' or '.join(WEIGHT_NAMES)} with its shards, as save_pretrained writes them)"
         return [_error(loc_uri, msg, uri)]
-    config = _parse(raw)
+    config = parse_config(raw)
     if config is None:
         return [_error(loc_uri, f"its {CONFIG_NAME} is not a diffusers model config (a JSON object)", uri)]
     family = next((f for f, cls in FAMILY_CLASSES.items() if config.get("_class_name") == cls), None)
@@ -82,30 +83,36 @@ def teacher_errors(spec: JobCreate, raw: bytes | None, files: set[str]) -> Error
     if family == "cosmos-predict2" and config.get("in_channels") != config.get("out_channels"):
         what = "a Cosmos Video2World transformer (in_channels != out_channels: a condition-mask channel)"
         errors.append(_error(loc_uri, f"{what}: not supported, text-to-image/video only", uri))
-    return errors + _shape_errors(spec, config)
+    if spec.data.dataset != "teacher-synthetic":  # a stored dataset: its manifest's shape (service/datasets.py)
+        return errors
+    assert spec.data.latent_shape is not None  # the schema requires it with teacher-synthetic
+    return errors + shape_errors(spec, config, spec.data.latent_shape, ("body", "data", "latent_shape"))
 
 
-def _shape_errors(spec: JobCreate, config: dict[str, Any]) -> Errors:
-    """data.latent_shape against in_channels and patch_size; cp_degree against heads and tokens (Ulysses)."""
-    shape, cp = spec.data.latent_shape, spec.resources.cp_degree
+def shape_errors(
+    spec: JobCreate, config: dict[str, Any], shape: list[int], loc_shape: tuple[str, ...], what: str = ""
+) -> Errors:
+    """A latent `shape` (named at `loc_shape`; `what` prefixes the messages) against in_channels and patch_size;
+    cp_degree against heads and tokens (Ulysses)."""
+    cp = spec.resources.cp_degree
     heads, patch, channels = config.get("num_attention_heads"), config.get("patch_size"), config.get("in_channels")
-    loc_shape, loc_cp = ("body", "data", "latent_shape"), ("body", "resources", "cp_degree")
+    loc_cp = ("body", "resources", "cp_degree")
     if not _positive_ints([heads, channels]) or not (
         isinstance(patch, list) and len(patch) == 3 and _positive_ints(patch)
     ):
         msg = f"its {CONFIG_NAME} lacks a positive num_attention_heads, in_channels or 3-entry patch_size"
         return [_error(("body", "teacher", "uri"), msg, spec.teacher.uri)]
-    assert shape is not None  # the schema requires it with teacher-synthetic, the only dataset of folders
     errors: Errors = []
     if shape[0] != channels:
-        errors.append(_error(loc_shape, f"C = {shape[0]}, but the teacher takes in_channels = {channels}", shape))
+        msg = f"{what}C = {shape[0]}, but the teacher takes in_channels = {channels}"
+        errors.append(_error(loc_shape, msg, shape))
     if any(n % p for n, p in zip(shape[1:], patch, strict=True)):
-        msg = f"(F, H, W) = {tuple(shape[1:])} is not divisible by the teacher's patch_size {tuple(patch)}"
+        msg = f"{what}(F, H, W) = {tuple(shape[1:])} is not divisible by the teacher's patch_size {tuple(patch)}"
         return errors + [_error(loc_shape, msg, shape)]
     grid = [n // p for n, p in zip(shape[1:], patch, strict=True)]
     positions = rope_positions(config, patch)
     if positions is not None and max(grid) > positions:
-        msg = f"the latent's grid {tuple(grid)} after patch_size exceeds the teacher's {positions} RoPE positions"
+        msg = f"{what}the latent's grid {tuple(grid)} after patch_size exceeds the teacher's {positions} RoPE positions"
         errors.append(
             _error(loc_shape, msg + " per axis (Wan: rope_max_seq_len; Cosmos: max_size / patch_size)", shape)
         )
@@ -129,7 +136,7 @@ def rope_positions(config: dict[str, Any], patch: list[int]) -> int | None:
     return None
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
+def parse_config(raw: bytes) -> dict[str, Any] | None:
     if len(raw) > MAX_CONFIG_BYTES:
         return None
     try:

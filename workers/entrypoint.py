@@ -20,7 +20,7 @@ from pathlib import Path
 from rcm_core.config import ConfigError
 from rcm_core.parallel.parallelize import check_parallelizable
 from rcm_core.tasks import get_task
-from workers import storage
+from workers import datasets, storage
 from workers.spec import JobConfig, effective_spec, job_config
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/])/[^\s'\",:)]+")  # /tmp/rcm-..., /home/...: not s3:// or http:// URLs
@@ -33,7 +33,7 @@ def check_inputs(spec: dict) -> JobConfig:
         ConfigError, storage.PromptFileUnavailable: with a message for the user.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        job = job_config(spec, output_dir=str(Path(tmp) / "run"))
+        job = datasets.with_dataset_shapes(job_config(spec, output_dir=str(Path(tmp) / "run")))
         if job.prompt_file_uri:
             uri = job.prompt_file_uri
             check_prompt_file(storage.fetch_prompt_file(uri, Path(tmp) / "prompts.txt"), uri)
@@ -182,6 +182,7 @@ def main() -> int:
         family = resolve_family(job)
         if family is not None:  # the preset's defaults depend on it (e.g. the guidance scale)
             job = job_config(spec, output_dir=job.distill.train.output_dir, teacher_family=family)
+            job = datasets.with_dataset_shapes(job)
         teacher_uri, source = resolve_teacher(job)
     except (ConfigError, storage.TeacherUnavailable, storage.PromptFileUnavailable) as exc:
         print(f"rcm-worker: error: {exc}", file=sys.stderr, flush=True)

@@ -5,27 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from workers.spec import JobConfig
+from workers.storage import s3_filesystem
 from workers.train_loop import train_loop_per_worker
 
 MAX_FAILURES = 3  # worker crashes tolerated per job; each restart resumes from the latest checkpoint
-
-
-def s3_filesystem() -> pyarrow.fs.S3FileSystem:
-    endpoint = os.environ["RCM_S3_ENDPOINT_URL"]
-    scheme, _, host = endpoint.partition("://")
-    # NOTE: pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be passed explicitly.
-    return pyarrow.fs.S3FileSystem(
-        endpoint_override=host,
-        scheme=scheme,
-        access_key=os.environ["AWS_ACCESS_KEY_ID"],
-        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-        region=os.environ.get("RCM_S3_REGION", "us-east-1"),
-    )
 
 
 def build_trainer(

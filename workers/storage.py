@@ -29,6 +29,22 @@ def s3_client():
     )
 
 
+def s3_filesystem():
+    """pyarrow's S3 filesystem for the env's endpoint and keys (Ray Train's storage, streamed datasets)."""
+    import pyarrow.fs
+
+    endpoint = os.environ["RCM_S3_ENDPOINT_URL"]
+    scheme, _, host = endpoint.partition("://")
+    # NOTE: pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be passed explicitly.
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=host,
+        scheme=scheme,
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        region=os.environ.get("RCM_S3_REGION", "us-east-1"),
+    )
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key

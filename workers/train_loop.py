@@ -28,7 +28,7 @@ from rcm_core.eval import report_json
 from rcm_core.models.flow import FlowModel
 from rcm_core.tasks import final_report, get_task, periodic_metrics
 from rcm_core.trainer import NonFiniteError, Trainer, TrainHooks, check_finite_state
-from workers import checkpointing, distributed, storage
+from workers import checkpointing, datasets, distributed, storage
 from workers.spec import JobConfig, effective_spec, job_config
 from workers.tracking import RunLogger
 
@@ -62,7 +62,10 @@ def _build(job: JobConfig) -> tuple[nn.Module, dict, Distiller, torch.device]:
     copy_net = distributed.net_copy_fn(teacher_net, dims=dims, config=job.parallel, device=device)
     if copy_net is None:  # one worker: the networks themselves live on the device (sharded copies move there)
         teacher_net = teacher_net.to(device)
-    distiller = pipeline.build_distiller(job.distill, teacher_net, meta, copy_net=copy_net, device=device)
+    access = datasets.data_access(job, dims, device)  # a stored dataset: this rank's share of it
+    distiller = pipeline.build_distiller(
+        job.distill, teacher_net, meta, copy_net=copy_net, device=device, access=access
+    )
     return teacher_net, meta, distiller, device
 
 
@@ -84,7 +87,7 @@ def _fetch_inputs(config: dict[str, Any], workdir: Path) -> JobConfig:
         teacher=dataclasses.replace(cfg.teacher, path=teacher_path),
         data=dataclasses.replace(cfg.data, prompt_file=prompt_file),
     )
-    return dataclasses.replace(job, distill=cfg, teacher_uri=teacher_uri)
+    return datasets.with_dataset_shapes(dataclasses.replace(job, distill=cfg, teacher_uri=teacher_uri))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

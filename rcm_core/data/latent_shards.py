@@ -108,14 +108,18 @@ class ShardWriter:
         text_dim: int,
         latent_shape: tuple[int, ...] | None,
         samples_per_shard: int = 256,
+        row_group_size: int = 64,
         text_dtype: str = "bfloat16",
         latent_dtype: str = "float32",
         encoder: dict | None = None,
         vae: dict | None = None,
         extra: dict | None = None,
     ):
-        if samples_per_shard < 1:
-            raise ValueError("samples_per_shard must be >= 1")
+        if min(samples_per_shard, row_group_size) < 1:
+            raise ValueError("samples_per_shard and row_group_size must be >= 1")
+        # a row group is the unit a streaming reader fetches and the data-parallel ranks split: large samples
+        # (a Wan2.1 480p latent + its tokens are ~12 MB) want small groups (rcm_core.data.latent_stream)
+        self.row_group_size = row_group_size
         self.fs, self.root = fs, root.rstrip("/")
         self.samples_per_shard = samples_per_shard
         self.manifest = Manifest(
@@ -162,7 +166,7 @@ class ShardWriter:
         name = f"shard-{len(self.manifest.shards):05d}.parquet"
         table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
         with self.fs.open_output_stream(f"{self.root}/{name}") as out:
-            pq.write_table(table, out, row_group_size=min(len(self._rows), 64))
+            pq.write_table(table, out, row_group_size=min(len(self._rows), self.row_group_size))
         self.manifest.shards.append({"name": name, "count": len(self._rows)})
         self.manifest.count += len(self._rows)
         self._rows = []

@@ -46,8 +46,9 @@ class Task:
         raise NotImplementedError
 
     # -- data and evaluation -----------------------------------------------------------------------
-    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None):
-        """The data/condition source the Distiller draws from."""
+    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None, access=None):
+        """The data/condition source the Distiller draws from; `access`: where and as which data-parallel rank to
+        read a stored dataset (rcm_core.data.latent_stream.DataAccess; None: local, one rank)."""
         raise NotImplementedError
 
     def prepare_data(self, data, teacher: FlowModel) -> None:

@@ -1,8 +1,11 @@
 """The diffusers task: rCM of a diffusers transformer (a family of rcm_core.teachers: Wan2.1, Cosmos-Predict2)
 into a few-step student of the same architecture, initialised (with the fake score) from the teacher's weights.
 
-Data (dataset "teacher-synthetic"). Until dataset shards arrive (issue 18) a job has no prompts and no latents.
-Both are made here, and the README says so:
+Data, dataset "latents" (`DatasetData`): an rcm-latents-v1 dataset at data.uri (rcm_core.data.latent_shards,
+written by `rcm data prepare`), streamed by each data-parallel rank (rcm_core.data.latent_stream): encoded
+prompts and their clean latents; a prompts-only dataset trains DMD only (see DatasetData).
+Data, dataset "teacher-synthetic" (`TeacherSyntheticData`): no prompts and no latents; both are made here, and the
+README says so:
 - conditions are PLACEHOLDER prompts: seeded random text-embedding tokens (B, text_tokens, text_dim), standard
   normal, each prompt a random length with the rest padding (mask False, embeddings zeroed as both pipelines do).
   They are not encoded text: the student learns the teacher's behaviour on these inputs, not on real captions;
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 from rcm_core.config import ConfigError, DistillConfig, diffusers_rcm
+from rcm_core.data.latent_stream import DataAccess
 from rcm_core.models.flow import FlowModel, guided_f
 from rcm_core.sampling import sample_consistency, sample_euler, student_times
 from rcm_core.tasks.base import Task, eval_seed, register
@@ -40,7 +44,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pre
 @register
 class Diffusers(Task):
     name = "diffusers"
-    datasets = ("teacher-synthetic",)
+    datasets = ("teacher-synthetic", "latents")
     metric_names = ("rel_l2", "mse")
     uses_cuda = True
     teacher_is_directory = True
@@ -65,7 +69,11 @@ class Diffusers(Task):
         net, family, config = load_diffusers_net(path, dtype=torch.float32)
         return net, {"task": self.name, "parameterization": "rf", "family": family.name, "config": config}
 
-    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None) -> TeacherSyntheticData:
+    def build_data(
+        self, cfg: DistillConfig, meta: dict, device: torch.device | None, access: DataAccess | None = None
+    ) -> TeacherSyntheticData:
+        if cfg.data.dataset == "latents":
+            return DatasetData(cfg, meta["config"], device=device, access=access or DataAccess())
         return TeacherSyntheticData(cfg, meta["config"], device=device)
 
     def prepare_data(self, data: TeacherSyntheticData, teacher: FlowModel) -> None:
@@ -253,6 +261,127 @@ class TeacherSyntheticData:
     def _index(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         i = torch.randint(len(self.cond["mask"]), (batch_size,), generator=generator, device=generator.device)
         return i.to(self.device)
+
+
+class DatasetData(TeacherSyntheticData):
+    """(x0, cond) batches streamed from an rcm-latents-v1 dataset (data.uri; rcm_core.data.latent_stream).
+
+    Each data-parallel rank reads its own disjoint share (train.batch_size / dp_size samples a draw) and the
+    shares are all-gathered into the global batch, in rank order, so that every rank holds the same global batch
+    (the Distiller's invariant) and batch sharding hands each rank back exactly the rows it read. The reader's
+    position (epoch, samples emitted) of every rank is part of the checkpoint (`position_state`): a restarted
+    worker continues its epoch where the checkpoint left it, no sample twice.
+    Prompts-only datasets (no latents) train DMD only (loss.scm_weight 0: the sCM term needs data latents; fill
+    them with `rcm data prepare --synthesize` otherwise), with data.latent_shape giving the noise's shape.
+    Evaluation: the dataset's first eval.num_samples prompts (in manifest order, the same on every rank) with the
+    teacher's reference samples for them, drawn at job start as for teacher-synthetic.
+    """
+
+    def __init__(self, cfg: DistillConfig, config: dict, *, device: torch.device | None, access: DataAccess):
+        import pyarrow.fs as pafs
+
+        from rcm_core.data.latent_shards import ShardFormatError, iter_shard, read_manifest
+        from rcm_core.data.latent_stream import LatentStream
+
+        d = cfg.data
+        fs, root = access.fs or pafs.LocalFileSystem(), access.root or str(d.uri)
+        try:
+            manifest = read_manifest(fs, root)
+        except ShardFormatError as exc:
+            raise ConfigError(f"data.uri {d.uri}: {exc}") from None
+        self.cfg, self.device, self.access = cfg, torch.device(device or "cpu"), access
+        self.text_shape = (int(manifest.text["tokens"]), int(manifest.text["dim"]))
+        if self.text_shape[1] != text_dim(config):
+            raise ConfigError(
+                f"data.uri {d.uri}: text.dim {self.text_shape[1]} in its manifest, the teacher takes {text_dim(config)}"
+            )
+        if manifest.latent is None:
+            if cfg.loss.scm_weight > 0:
+                raise ConfigError(
+                    f"data.uri {d.uri}: a prompts-only dataset (no latents) trains DMD only: set method.scm_weight "
+                    "to 0, or fill the latents with `rcm data prepare --synthesize`"
+                )
+            if len(d.latent_shape) != 4:
+                raise ConfigError(f"data.latent_shape: required with the prompts-only dataset {d.uri}")
+            self.sample_shape = tuple(d.latent_shape)
+        else:
+            self.sample_shape = tuple(manifest.latent["shape"])
+        channels = config.get("in_channels")
+        if channels is not None and self.sample_shape[0] != channels:
+            raise ConfigError(
+                f"data.uri {d.uri}: latents of {self.sample_shape[0]} channels, the teacher takes {channels}"
+            )
+        if cfg.train.batch_size % access.dp_size:
+            raise ConfigError(
+                f"schedule.batch_size ({cfg.train.batch_size}) is not divisible by the {access.dp_size} "
+                "data-parallel ranks"
+            )
+        self.stream = LatentStream(
+            fs,
+            root,
+            dp_rank=access.dp_rank,
+            dp_size=access.dp_size,
+            seed=cfg.train.seed,
+            buffer_size=d.shuffle_buffer,
+            latents=cfg.loss.scm_weight > 0,  # DMD draws conditions only: skip the latent column
+            manifest=manifest,
+        )
+        n_eval = cfg.eval.num_samples
+        first = []
+        for shard in manifest.shards:  # only the first shards' text columns are read
+            for row in iter_shard(fs, root, manifest, shard["name"], latents=False):
+                first.append(row)
+                if len(first) == n_eval:
+                    break
+            if len(first) == n_eval:
+                break
+        first = [first[i % len(first)] for i in range(n_eval)]  # a dataset smaller than the evaluation repeats
+        mask = torch.stack([r["mask"] for r in first])
+        self.eval_cond = {"tokens": torch.stack([r["tokens"] for r in first]) * mask[..., None], "mask": mask}
+        eval_gen = torch.Generator().manual_seed(eval_seed(cfg))
+        self.eval_noise = torch.randn((n_eval, *self.sample_shape), generator=eval_gen)
+        self.x0 = None
+        self.reference = torch.empty(0)
+
+    @torch.no_grad()
+    def draw(self, teacher: FlowModel) -> None:
+        """The evaluation reference only (training draws from the dataset); a collective when sharded."""
+        ref_steps = max(self.cfg.eval.teacher_steps)
+        self.reference = self._sample(teacher, self.eval_noise, _to(self.eval_cond, self.device), ref_steps).cpu()
+
+    def sample(self, batch_size: int, *, generator: torch.Generator):
+        return self._batch(batch_size)
+
+    def sample_cond(self, batch_size: int, *, generator: torch.Generator):
+        return self._batch(batch_size)[1]
+
+    def _batch(self, batch_size: int) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        from rcm_core.data.latent_stream import collate
+
+        x0, cond = collate(self.stream.take(batch_size // self.access.dp_size))
+        x0 = None if x0 is None else self._global(x0.to(self.device).float())
+        tokens = self._global(cond["tokens"].to(self.device).float())
+        mask = self._global(cond["mask"].to(self.device, torch.uint8)).bool()  # gloo and NCCL gather no bools
+        return x0, {"tokens": tokens, "mask": mask}
+
+    def _global(self, local: torch.Tensor) -> torch.Tensor:
+        return local if self.access.gather is None else self.access.gather(local)
+
+    # -- the reader's position, checkpointed with the Distiller ----------------------------------------
+    def position_state(self) -> torch.Tensor:
+        """(dp_size, 2) int64: (epoch, samples emitted) of every data-parallel rank (a collective), the same
+        tensor on every rank, so the checkpoint holds one copy."""
+        mine = torch.tensor([list(self.stream.position)], dtype=torch.long, device=self.device)
+        return self._global(mine)
+
+    def load_position(self, positions: torch.Tensor) -> None:
+        if positions.shape[0] != self.access.dp_size:
+            raise ConfigError(
+                f"the checkpoint's data position is for {positions.shape[0]} data-parallel ranks, this job has "
+                f"{self.access.dp_size}: resume with the same resources"
+            )
+        epoch, emitted = (int(v) for v in positions[self.access.dp_rank].tolist())
+        self.stream.seek(epoch, emitted)
 
 
 def distance_to_reference(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

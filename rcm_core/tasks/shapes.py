@@ -45,7 +45,7 @@ class Shapes(Task):
 
         return load_shapes_teacher(path)
 
-    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None):
+    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None, access=None):
         from rcm_core.data.shapes import PooledShapesTask, ShapesTask, load_prompt_file
 
         prompts = load_prompt_file(cfg.data.prompt_file) if cfg.data.prompt_file else None

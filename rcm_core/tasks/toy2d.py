@@ -60,7 +60,7 @@ class Toy2D(Task):
     def load_teacher(self, path: Path) -> tuple[torch.nn.Module, dict]:
         return load_toy2d_teacher(path)
 
-    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None) -> Toy2DTask:
+    def build_data(self, cfg: DistillConfig, meta: dict, device: torch.device | None, access=None) -> Toy2DTask:
         return Toy2DTask(dataclasses.replace(cfg.data, **meta["data"]))  # the teacher's mixture
 
     def evaluate(self, cfg, entries, data, *, num_samples, seed, grid) -> list[dict[str, Any]]:

@@ -573,3 +573,99 @@ def test_wan_teacher_folder_the_job_cannot_use_is_refused_with_the_field(stack, 
         assert r.status_code == 422, r.text
         assert any(e["loc"] == loc and expected in e["msg"] for e in r.json()["detail"]), r.text
     assert httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"] == before
+
+
+# -- a stored dataset (issue 18, items 1 + 3): rcm-latents-v1 shards written into SeaweedFS under the tenant prefix ---
+DATASET = INPUTS + "datasets/wan-e2e/"
+
+
+def _write_dataset(stack, uri, *, text_dim=24, count=12):
+    """`count` samples for the tiny Wan (latent (4, 2, 4, 4), 6 x text_dim tokens) through ShardWriter over pyarrow's
+    S3 filesystem: shards of 4 in row groups of 2 (so that 2 data-parallel workers get equal shares)."""
+    import pyarrow.fs as pafs
+    import torch
+
+    from rcm_core.data.latent_shards import ShardWriter
+
+    creds, (scheme, _, host) = stack["stack"].creds, stack["stack"].s3_url.partition("://")
+    fs = pafs.S3FileSystem(
+        endpoint_override=host,
+        scheme=scheme,
+        access_key=creds["S3_ACCESS_KEY"],
+        secret_key=creds["S3_SECRET_KEY"],
+        region="us-east-1",
+    )
+    gen = torch.Generator().manual_seed(3)
+    root = uri.removeprefix("s3://").rstrip("/")
+    with ShardWriter(
+        fs, root, text_tokens=6, text_dim=text_dim, latent_shape=(4, 2, 4, 4), samples_per_shard=4, row_group_size=2
+    ) as w:
+        for i in range(count):
+            tokens = torch.randn(6, text_dim, generator=gen)
+            w.add(f"k{i:03d}", f"caption {i}", tokens, 2 + i % 4, torch.randn(4, 2, 4, 4, generator=gen))
+
+
+def _data_positions(stack, checkpoint_uri: str, tmp_path: Path):
+    """The data readers' positions (one (epoch, emitted) row per data-parallel rank) in a job's DCP checkpoint."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    prefix = checkpoint_uri.removeprefix("s3://ckpt/") + "/"
+    local = tmp_path / prefix.strip("/").replace("/", "_")
+    for obj in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=prefix)["Contents"]:
+        if obj["Key"].endswith("/"):  # a folder marker, not a file of the checkpoint
+            continue
+        dest = local / obj["Key"].removeprefix(prefix)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stack["s3"].download_file("ckpt", obj["Key"], str(dest))
+    dcp_to_torch_save(str(local), str(local / "all.pt"))
+    return torch.load(local / "all.pt", weights_only=False)["app"]["data_position"].tolist()
+
+
+def test_wan_job_on_a_stored_dataset_succeeds_with_two_data_parallel_readers(stack, wan_teacher, tmp_path):
+    """`data: {"uri": ...}` alone: the manifest is checked at submission, the 2 workers (data parallel) each stream
+    their own share from SeaweedFS, and every checkpoint records both readers' positions."""
+    tok = stack["tokens"]["a"]
+    _write_dataset(stack, DATASET)
+    spec = {
+        "name": "e2e-wan-dataset",
+        "teacher": {"uri": WAN_FOLDER},
+        "data": {"uri": DATASET, "shuffle_buffer": 3},
+        "method": {"critic_ratio": 1},
+        "resources": {"num_workers": 2, "fsdp_degree": 2},  # two data-parallel readers
+        "schedule": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "seed": 5},
+        "eval": {"num_samples": 10, "teacher_steps": [2]},
+    }
+    job, _, run = _succeed(tok, spec, timeout=500)
+    assert job["step"] == 4 and job["spec"]["data"] == {"uri": DATASET, "shuffle_buffer": 3, "dataset": "latents"}
+    eff = job["effective_config"]["data"]  # the manifest's shapes, not the spec's
+    assert eff["dataset"] == "latents" and eff["latent_shape"] == [4, 2, 4, 4] and eff["text_tokens"] == 6
+    assert {"loss", "scm_loss", "dmd_loss", "eval/1step/rel_l2"} <= {m["key"] for m in run["data"]["metrics"]}
+    ckpts = httpx.get(f"{API}/v1/jobs/{job['id']}/checkpoints", headers=_h(tok)).json()
+    # a step draws 2 batches (critic, student) of 2 = 1 sample per rank each; 12 samples in 6 row groups of 2 give
+    # each rank a share of 6 a epoch: step 2 -> 4 read (epoch 0), step 4 -> 8 = the whole share + 2 of epoch 1
+    positions = {c["step"]: _data_positions(stack, c["uri"], tmp_path) for c in ckpts}
+    assert positions == {2: [[0, 4], [0, 4]], 4: [[1, 2], [1, 2]]}, positions
+    export = f"jobs/{job['id']}/export/transformer/diffusion_pytorch_model.safetensors"
+    assert stack["s3"].head_object(Bucket="ckpt", Key=export)["ContentLength"] > 0
+
+
+def test_stored_dataset_the_teacher_cannot_use_is_refused_with_the_field(stack, wan_teacher):
+    """Against SeaweedFS: a manifest whose text dim is not the teacher's, and a folder without a manifest, are 422s
+    naming data.uri; nothing is queued."""
+    tok = stack["tokens"]["a"]
+    _write_dataset(stack, INPUTS + "datasets/umt5-width/", text_dim=32, count=2)
+    before = httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"]
+    cases = [
+        (
+            INPUTS + "datasets/umt5-width/",
+            "the dataset's text.dim is 32 (its manifest.json), but the teacher's text_dim",
+        ),
+        (INPUTS + "datasets/none/", "no manifest.json under it"),
+    ]
+    for uri, expected in cases:
+        spec = {"name": "x", "teacher": {"uri": WAN_FOLDER}, "data": {"uri": uri}, "schedule": {"batch_size": 2}}
+        r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
+        assert r.status_code == 422, r.text
+        assert any(e["loc"] == ["body", "data", "uri"] and expected in e["msg"] for e in r.json()["detail"]), r.text
+    assert httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"] == before

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.api.deps import ClusterDep, SessionDep, TenantDep
 from service.api.errors import error_responses, validation_error
+from service.datasets import MAX_MANIFEST_BYTES, dataset_errors, manifest_key
 from service.db import Job
 from service.inputs import input_errors
 from service.schemas import (
@@ -23,7 +24,7 @@ from service.schemas import (
     is_teacher_folder,
 )
 from service.settings import get_settings
-from service.teachers import CONFIG_NAME, MAX_CONFIG_BYTES, folder_key, teacher_errors
+from service.teachers import CONFIG_NAME, MAX_CONFIG_BYTES, folder_key, parse_config, teacher_errors
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -87,6 +88,9 @@ def create_job(
         files = {o["key"].removeprefix(prefix) for o in cluster.list_inputs(bucket, prefix)}
         raw = cluster.read_input(bucket, prefix + CONFIG_NAME, MAX_CONFIG_BYTES) if CONFIG_NAME in files else None
         errors = teacher_errors(spec, raw, files)
+        if not errors and spec.data.uri is not None:  # a stored dataset (its prefix checked above): its manifest
+            manifest = cluster.read_input(*manifest_key(spec.data.uri), MAX_MANIFEST_BYTES)
+            errors = dataset_errors(spec, manifest, parse_config(raw or b"") or {})
         if errors:
             raise RequestValidationError(errors)
     cap = get_settings().MAX_WORKERS_PER_JOB
