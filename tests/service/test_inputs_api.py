@@ -74,6 +74,18 @@ def test_upload_input_bad_name_is_rejected(app_and_tokens, name):
     assert cluster.objects == before
 
 
+@pytest.mark.parametrize("method", ["put", "delete"])
+def test_input_name_with_a_newline_is_422_not_an_undocumented_404(app_and_tokens, method):
+    """The fuzz found DELETE /v1/inputs/a%0Ab answered 404 (the router's path match stopped at the newline)."""
+    client, tokens, cluster, _ = app_and_tokens
+    before = dict(cluster.objects)
+    kw = {"content": b"x"} if method == "put" else {}
+    r = getattr(client, method)("/v1/inputs/a%0Ab", headers=_h(tokens["a"]), **kw)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["path", "name"]
+    assert cluster.objects == before
+
+
 def test_upload_input_into_a_folder_gives_the_folder_uri(app_and_tokens):
     """A diffusers teacher is a folder: its files go up as FOLDER/FILE, and the job names s3://.../FOLDER/."""
     client, tokens, cluster, _ = app_and_tokens

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from fastapi.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from service.api.deps import ClusterDep, TenantDep
 from service.api.errors import error_responses
@@ -14,6 +15,22 @@ from service.inputs import INPUT_NAME, input_key, input_prefix_uri
 from service.schemas import InputPublic
 from service.settings import get_settings
 
+
+
+class _AnyPath(Convertor[str]):
+    """Like Starlette's `path`, but matching every character: its `.*` stops at a newline, so a name holding
+    %0A fell through the router as an undocumented 404 instead of reaching the name check (422)."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
 router = APIRouter(prefix="/v1/inputs", tags=["inputs"])
 NameParam = Annotated[
     str,
@@ -36,7 +53,7 @@ _RAW_BODY = {
 
 
 @router.put(
-    "/{name:path}",
+    "/{name:anypath}",
     status_code=status.HTTP_201_CREATED,
     response_model=InputPublic,
     openapi_extra=_RAW_BODY,
@@ -70,7 +87,7 @@ def read_inputs(tenant: TenantDep, cluster: ClusterDep) -> list[InputPublic]:
     ]
 
 
-@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 429, 503))
+@router.delete("/{name:anypath}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 429, 503))
 def delete_input(name: NameParam, tenant: TenantDep, cluster: ClusterDep) -> None:
     """Delete this tenant's input `name` (jobs already running keep their own copy)."""
     settings = get_settings()
