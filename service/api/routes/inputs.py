@@ -16,7 +16,6 @@ from service.schemas import InputPublic
 from service.settings import get_settings
 
 
-
 class _AnyPath(Convertor[str]):
     """Like Starlette's `path`, but matching every character: its `.*` stops at a newline, so a name holding
     %0A fell through the router as an undocumented 404 instead of reaching the name check (422)."""
