@@ -229,6 +229,54 @@ def sample_student(model, cond: dict[str, torch.Tensor], noise: torch.Tensor, ti
     return sample_consistency(lambda x, t: model(x, t, cond), noise, times, generator=gen)
 
 
+def s3_filesystem():
+    """A pyarrow S3 filesystem from the environment: RCM_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL), AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, RCM_S3_REGION (default us-east-1). NOTE: pyarrow itself ignores AWS_ENDPOINT_URL."""
+    import os
+
+    import pyarrow.fs
+
+    endpoint = os.environ.get("RCM_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("RCM_S3_REGION", "us-east-1")}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs |= {"endpoint_override": host, "scheme": scheme}
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs |= {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
+    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def download_export(uri: str, dest: Path, fs=None) -> Path:
+    """Copy the export at s3://bucket/prefix/ into `dest`, after reading its manifest (no manifest: not finished,
+    refused); only the files the manifest lists are read. Returns `dest`, checked complete."""
+    import pyarrow.fs
+
+    fs = fs or s3_filesystem()
+    root = uri.removeprefix("s3://").rstrip("/")
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+            raw = f.read(1 << 24)
+        files = dict(json.loads(raw)["files"])
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--student: {uri} has no {MANIFEST}: not a finished export (or still being written)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"--student: cannot read {uri} ({type(exc).__name__})") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--student: {uri}{MANIFEST} is not an export manifest") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    local = pyarrow.fs.LocalFileSystem()
+    for name in files:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ConfigError(f"--student: the manifest names a file outside the export: {name[:80]!r}")
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(f"{root}/{name}", str(dest / name), source_filesystem=fs, destination_filesystem=local)
+    (dest / MANIFEST).write_bytes(raw)
+    check_complete(dest)
+    return dest
+
+
 __all__ = [
     "DEFAULT_MID_TIMES",
     "EVAL_SAMPLES",
@@ -237,6 +285,7 @@ __all__ = [
     "SAMPLER_CONFIG",
     "check_complete",
     "config_sha256",
+    "download_export",
     "export_manifest",
     "load_prompt_embeds",
     "model_card",
