@@ -293,6 +293,11 @@ class ExportSpec(_Strict):
         pattern=r"^[1-9][0-9]{0,5}(KB|MB|GB)$",
         description="shard size of the exported transformer's safetensors files (save_pretrained's max_shard_size)",
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the exported weights (the modules diffusers keeps in float32 stay float32); "
+        "float32 reproduces the job's evaluation exactly, bfloat16 halves the size",
+    )
 
 
 class JobCreate(_Strict):

@@ -43,7 +43,7 @@ WORKER_FIELDS = {
     "teacher": {"uri"},
     "data": {"prompt_file_uri"},
     "resources": {"num_workers", "use_gpu"},
-    "export": {"registered_model_name", "max_shard_size"},  # workers/train_loop.py's export
+    "export": {"registered_model_name", "max_shard_size", "dtype"},  # workers/train_loop.py's export
 }
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # diffusers' save_pretrained default
 JOB_SECTIONS = {"name", "student", "tracking"}  # the service's own (naming, tracking); nothing to train by
@@ -63,6 +63,7 @@ class JobConfig:
     use_gpu: bool
     registered_model_name: str | None = None  # MLflow Model Registry: the export becomes a new version of it
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # save_pretrained's shard size of the exported transformer
+    export_dtype: str = "float32"  # float32 | bfloat16: the exported weights (diffusers' keep-in-fp32 modules stay)
 
 
 def job_config(
@@ -127,6 +128,7 @@ def job_config(
         use_gpu=resources.get("use_gpu", False),
         registered_model_name=spec.get("export", {}).get("registered_model_name"),
         max_shard_size=spec.get("export", {}).get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE,
+        export_dtype=spec.get("export", {}).get("dtype") or "float32",
     )
 
 
@@ -145,7 +147,11 @@ def effective_spec(job: JobConfig) -> dict[str, Any]:
     out["data"]["prompt_file_uri"] = job.prompt_file_uri
     parallel = dataclasses.asdict(job.parallel)
     out["resources"] = {"num_workers": job.num_workers, "use_gpu": job.use_gpu, **parallel}
-    out["export"] = {"registered_model_name": job.registered_model_name, "max_shard_size": job.max_shard_size}
+    out["export"] = {
+        "registered_model_name": job.registered_model_name,
+        "max_shard_size": job.max_shard_size,
+        "dtype": job.export_dtype,
+    }
     return out
 
 

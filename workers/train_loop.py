@@ -177,6 +177,7 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobCo
         "step": distiller.step,
         "spec": effective_spec(job),
         "max_shard_size": job.max_shard_size,
+        "dtype": job.export_dtype,
     }
     task.write_student(out, state, info, meta)
     key = f"jobs/{job_id}/export/"

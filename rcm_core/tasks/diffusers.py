@@ -113,6 +113,8 @@ class Diffusers(Task):
         from rcm_core.teachers import FAMILIES, diffusers_module
 
         family = FAMILIES[meta["family"]]
+        if info.get("dtype", "float32") == "bfloat16":
+            state = _bf16_except_fp32_modules(state, family)
         module = diffusers_module(meta["config"], state, family)
         module.save_pretrained(
             str(out / export.TRANSFORMER_DIR), max_shard_size=info.get("max_shard_size", export.DEFAULT_MAX_SHARD_SIZE)
@@ -283,6 +285,17 @@ class TeacherSyntheticData:
     def _index(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         i = torch.randint(len(self.cond["mask"]), (batch_size,), generator=generator, device=generator.device)
         return i.to(self.device)
+
+
+def _bf16_except_fp32_modules(state: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
+    """Floating tensors to bfloat16, except those of the modules diffusers keeps in float32 (its class'
+    _keep_in_fp32_modules, matched by key component as diffusers does): what from_pretrained(torch_dtype=bf16)
+    would hold."""
+    keep = set(getattr(family.diffusers_class(), "_keep_in_fp32_modules", None) or ())
+    return {
+        k: v.to(torch.bfloat16) if v.is_floating_point() and not keep & set(k.split(".")) else v
+        for k, v in state.items()
+    }
 
 
 def _save_latents(latents: dict[str, torch.Tensor], path: Path) -> None:

@@ -127,3 +127,21 @@ def test_sample_student_bad_input_exits_2_with_one_line(student_dir, tmp_path, c
         assert main(["sample", *argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
+
+
+def test_bf16_export_keeps_diffusers_fp32_modules_and_halves_the_size(student_dir, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    model = build_wan_tiny(seed=3)
+    meta = {"family": "wan2.1", "config": {"_class_name": "WanTransformer3DModel", **dict(model.config)}}
+    info = json.loads((student_dir / "rcm.json").read_text()) | {"dtype": "bfloat16", "max_shard_size": "5GB"}
+    get_task("diffusers").write_student(tmp_path, dict(model.state_dict()), info, meta)
+    saved = load_file(str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    kept = {k for k in saved if {"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"} & set(k.split("."))}
+    assert kept and all(saved[k].dtype == torch.float32 for k in kept)
+    assert all(v.dtype == torch.bfloat16 for k, v in saved.items() if k not in kept)
+    fp32_bytes = sum(f.stat().st_size for f in (student_dir / "transformer").glob("*.safetensors"))
+    bf16_bytes = (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert bf16_bytes < 0.6 * fp32_bytes
+    loaded = WanTransformer3DModel.from_pretrained(str(tmp_path / "transformer"), torch_dtype=torch.bfloat16)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
