@@ -172,7 +172,7 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobCo
     info |= {
         "job_id": job_id,
         "teacher": _teacher_identity(job),
-        "dataset": {"dataset": cfg.data.dataset},
+        "dataset": _dataset_identity(job),
         "metrics": metrics,
         "step": distiller.step,
         "spec": effective_spec(job),
@@ -198,6 +198,17 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobCo
             "rcm.step": str(distiller.step),
         }
         log.register_model(job.registered_model_name, prefix, tags)
+
+
+def _dataset_identity(job: JobConfig) -> dict[str, Any]:
+    """The data a student was distilled on, for its lineage: the dataset name and any URI the spec gave for it."""
+    data = job.distill.data
+    identity: dict[str, Any] = {"dataset": data.dataset}
+    for name in ("uri", "prompt_file_uri"):  # a stored dataset (data.uri), a prompt file
+        value = getattr(data, name, None) or (job.prompt_file_uri if name == "prompt_file_uri" else None)
+        if value:
+            identity[name] = value
+    return identity
 
 
 def _teacher_identity(job: JobConfig) -> dict[str, Any]:
