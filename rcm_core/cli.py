@@ -141,6 +141,11 @@ def _load_checkpoint_arg(path: str):
 def cmd_sample(args) -> int:
     import torch
 
+    if args.student:
+        return _sample_diffusers_student(args)
+    if args.prompt_embeds or args.vae or args.latent_shape:
+        raise ConfigError("--prompt-embeds, --vae and --latent-shape go with --student (a diffusers student export)")
+    args.seed = 0 if args.seed is None else args.seed
     distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
     model = distiller.ema.model if args.ema else distiller.student
     out = Path(args.out)
@@ -195,6 +200,98 @@ def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
     shown = " (16 a row shown in the grid; .pt keeps all)" if out.suffix == ".png" and n > 16 else ""
     print(f"[sample] {n} image(s) for each of {len(prompts)} prompt(s), {args.steps} step(s) -> {out}{shown}")
     return 0
+
+
+def _sample_diffusers_student(args) -> int:
+    """Few-step samples of a diffusers student export (rcm_core.export): latents.safetensors, and with --vae the
+    decoded frames as PNG (one folder per sample) and an animated GIF each (Pillow; MP4 would need ffmpeg)."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from rcm_core import export
+    from rcm_core.models.flow import FlowModel
+    from rcm_core.sampling import DEFAULT_MID_TIMES, student_times
+    from rcm_core.tasks.diffusers import text_dim
+    from rcm_core.teachers import load_diffusers_net, read_config
+
+    if args.prompt_embeds is None:
+        raise ConfigError("--prompt-embeds: required with --student (a .safetensors with tokens, and mask)")
+    if args.prompt:
+        raise ConfigError("--prompt: a diffusers student takes encoded prompts: use --prompt-embeds")
+    out = Path(args.out)
+    if out.suffix:
+        raise ConfigError(f"--out: a diffusers student writes a directory, got {out.name!r}")
+    student = args.student
+    with tempfile.TemporaryDirectory(prefix="rcm-student-") as tmp:
+        if student.startswith("s3://"):
+            root = export.download_export(student, Path(tmp) / "export")
+        else:
+            root = Path(student)
+            if not root.is_dir():
+                raise ConfigError(f"--student: {root} is not a directory")
+            if (root / export.MANIFEST).is_file():
+                export.check_complete(root)
+        record = export.read_sampler_record(root) or {}
+        embeds = export.load_prompt_embeds(Path(args.prompt_embeds))
+        folder = export.transformer_dir(root)
+        config = read_config(folder)
+        width = text_dim(config)
+        if embeds["tokens"].shape[-1] != width:
+            raise ConfigError(
+                f"--prompt-embeds: tokens are {embeds['tokens'].shape[-1]} wide, the student takes {width}"
+            )
+        net, family, _ = load_diffusers_net(folder, dtype=torch.float32)
+        model = FlowModel(net, "rf").eval()
+    schedule = record.get("schedules", {}).get(str(args.steps))
+    times = (
+        schedule["trigflow_times"]
+        if schedule
+        else student_times(args.steps, record.get("mid_times", DEFAULT_MID_TIMES))
+    )
+    seed = args.seed if args.seed is not None else int(record.get("eval_seed", 0))
+    noise = embeds.get("noise")
+    if noise is None:
+        shape = args.latent_shape or record.get("latent_shape")
+        if not shape:
+            raise ConfigError(
+                "--latent-shape: required (C,F,H,W) when the export records none and the file has no noise"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(embeds["tokens"]), *shape), generator=gen)
+    cond = {"tokens": embeds["tokens"], "mask": embeds["mask"]}
+    try:
+        latents = export.sample_student(model, cond, noise, times, seed)
+    except ValueError as exc:  # the net's own shape checks (patch size, RoPE positions)
+        raise ConfigError(f"--latent-shape: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, str(out / "latents.safetensors"))
+    info = {"student": student, "family": family.name, "steps": args.steps, "trigflow_times": times, "seed": seed}
+    info["sigmas"] = export.rf_sigmas(times)
+    (out / "sampler.json").write_text(json.dumps(info, indent=2) + "\n")
+    written = "latents.safetensors"
+    if args.vae:
+        from rcm_core.teachers.vae import decode_latents, load_vae
+
+        frames = decode_latents(load_vae(args.vae), latents)
+        _write_frames(frames, out)
+        written += f", {len(frames)} x {frames.shape[1]} PNG frame(s) + GIF"
+    print(f"[sample] {len(latents)} sample(s), {args.steps} step(s), seed {seed} -> {out} ({written})")
+    return 0
+
+
+def _write_frames(frames, out: Path) -> None:
+    """frames uint8 (B, T, H, W, 3) -> out/sample-<b>/frame-<t>.png and out/sample-<b>.gif (10 fps)."""
+    from PIL import Image
+
+    for b, video in enumerate(frames.numpy()):
+        folder = out / f"sample-{b:03d}"
+        folder.mkdir(exist_ok=True)
+        images = [Image.fromarray(frame) for frame in video]
+        for t, image in enumerate(images):
+            image.save(folder / f"frame-{t:04d}.png")
+        images[0].save(out / f"sample-{b:03d}.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
 
 
 def _eval_checkpoint(distiller, cfg: DistillConfig, out_dir: Path) -> list[dict]:
@@ -378,13 +475,34 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--no-eval", action="store_true", help="shapes: skip the GenEval-style evaluation")
     tt.set_defaults(func=cmd_teacher_train)
 
-    s = sub.add_parser("sample", help="sample from a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="checkpoint dir (step-N) or run dir (latest)")
+    s = sub.add_parser(
+        "sample",
+        help="sample from a checkpoint, or from a diffusers student export (--student)",
+        description="--checkpoint: a run's checkpoint (2-D or shapes). --student: a diffusers student export "
+        "(a job's s3://.../jobs/ID/export/ or a local copy; a bare transformer folder too) with "
+        "--prompt-embeds; writes OUT/latents.safetensors and, with --vae, PNG frames and a GIF per sample.",
+    )
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint dir (step-N) or run dir (latest)")
+    source.add_argument("--student", help="diffusers student export: a directory or s3://bucket/jobs/ID/export/")
+    s.add_argument(
+        "--prompt-embeds",
+        help="--student: .safetensors with tokens (B, L, D), optional mask (B, L) and noise (B, C, F, H, W)",
+    )
+    s.add_argument("--vae", help="--student: a diffusers VAE folder (AutoencoderKLWan) to decode the latents")
+    s.add_argument(
+        "--latent-shape",
+        type=lambda v: [_positive_int(x) for x in v.split(",")],
+        metavar="C,F,H,W",
+        help="--student: latent shape when neither the export nor the embeddings file gives one",
+    )
     s.add_argument("--steps", type=_positive_int, default=4, help="student sampling steps")
     s.add_argument(
         "--num-samples", type=_positive_int, help="2-D: points (default 1000); shapes: images per prompt (default 8)"
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--seed", type=int, help="default 0; --student: the export's evaluation seed (reproduces its samples)"
+    )
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights")
     s.add_argument(
         "--prompt",
@@ -395,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--out",
         required=True,
-        help="2-D: .png (scatter), .csv or .pt (tensor); shapes: .png (one row per prompt, up to 16 shown) or .pt",
+        help="2-D: .png (scatter), .csv or .pt (tensor); shapes: .png (one row per prompt, up to 16 shown) or .pt; "
+        "--student: a directory",
     )
     s.set_defaults(func=cmd_sample)
 

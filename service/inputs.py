@@ -47,7 +47,8 @@ def _inside(uri: str, prefix: str) -> bool:
 
 
 def input_errors(spec: JobCreate, tenant: str, settings: Settings) -> list[dict[str, Any]]:
-    """Validation errors (FastAPI's 422 format) for every s3:// URI of `spec` outside the tenant's prefix."""
+    """Validation errors (FastAPI's 422 format) for every s3:// URI of `spec` outside the tenant's prefix, and for
+    a registered model name outside the tenant's namespace (`<tenant>.<model>`)."""
     prefix, errors = input_prefix_uri(settings, tenant), []
     for loc, read in URI_FIELDS:
         value = read(spec)
@@ -62,4 +63,20 @@ def input_errors(spec: JobCreate, tenant: str, settings: Settings) -> list[dict[
                 "input": value,
             }
         )
+    name = spec.export.registered_model_name
+    if name is not None and not _own_model(name, tenant):
+        errors.append(
+            {
+                "type": "value_error",
+                "loc": ("body", "export", "registered_model_name"),
+                "msg": f"Value error, must be {tenant}.<model> (your tenant's namespace in the model registry)",
+                "input": name,
+            }
+        )
     return errors
+
+
+def _own_model(name: str, tenant: str) -> bool:
+    # the model part has no '.', so "<tenant>." is unambiguous even for tenant names with dots
+    model = name.removeprefix(f"{tenant}.")
+    return model != name and "." not in model

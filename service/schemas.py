@@ -318,6 +318,25 @@ class TrackingSpec(_Strict):
     experiment: str = Field("rcm", min_length=1, max_length=128)
 
 
+class ExportSpec(_Strict):
+    registered_model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}\.[A-Za-z0-9_\-]{1,100}$",
+        description="register the exported student in the MLflow Model Registry as a new version of this model, "
+        "named `<your tenant>.<model>` (the model part without dots); lineage tags: teacher, dataset, job",
+    )
+    max_shard_size: str = Field(
+        "5GB",
+        pattern=r"^[1-9][0-9]{0,5}(KB|MB|GB)$",
+        description="shard size of the exported transformer's safetensors files (save_pretrained's max_shard_size)",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the exported weights (the modules diffusers keeps in float32 stay float32); "
+        "float32 reproduces the job's evaluation exactly, bfloat16 halves the size",
+    )
+
+
 class JobCreate(_Strict):
     name: str = Field(min_length=1, max_length=128)
     teacher: TeacherSpec
@@ -328,6 +347,7 @@ class JobCreate(_Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
+    export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")
     def _resources_fit_the_task(self) -> JobCreate:

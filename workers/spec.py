@@ -39,7 +39,13 @@ SECTIONS: dict[str, dict[str, type]] = {
     "eval": {"eval": EvalConfig},
 }
 # spec fields the worker itself handles (inputs to fetch, the cluster's shape); `resources` goes to ParallelConfig
-WORKER_FIELDS = {"teacher": {"uri"}, "data": {"prompt_file_uri"}, "resources": {"num_workers", "use_gpu"}}
+WORKER_FIELDS = {
+    "teacher": {"uri"},
+    "data": {"prompt_file_uri"},
+    "resources": {"num_workers", "use_gpu"},
+    "export": {"registered_model_name", "max_shard_size", "dtype"},  # workers/train_loop.py's export
+}
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # diffusers' save_pretrained default
 JOB_SECTIONS = {"name", "student", "tracking"}  # the service's own (naming, tracking); nothing to train by
 # dataclass fields that are local paths of this worker, never part of what a user sets or sees
 LOCAL_FIELDS = {"teacher": {"path"}, "data": {"prompt_file", "pool_size"}, "train": {"output_dir"}}
@@ -55,6 +61,9 @@ class JobConfig:
     prompt_file_uri: str | None
     num_workers: int
     use_gpu: bool
+    registered_model_name: str | None = None  # MLflow Model Registry: the export becomes a new version of it
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # save_pretrained's shard size of the exported transformer
+    export_dtype: str = "float32"  # float32 | bfloat16: the exported weights (diffusers' keep-in-fp32 modules stay)
 
 
 def job_config(
@@ -117,6 +126,9 @@ def job_config(
         prompt_file_uri=spec.get("data", {}).get("prompt_file_uri"),
         num_workers=num_workers,
         use_gpu=resources.get("use_gpu", False),
+        registered_model_name=spec.get("export", {}).get("registered_model_name"),
+        max_shard_size=spec.get("export", {}).get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE,
+        export_dtype=spec.get("export", {}).get("dtype") or "float32",
     )
 
 
@@ -135,6 +147,11 @@ def effective_spec(job: JobConfig) -> dict[str, Any]:
     out["data"]["prompt_file_uri"] = job.prompt_file_uri
     parallel = dataclasses.asdict(job.parallel)
     out["resources"] = {"num_workers": job.num_workers, "use_gpu": job.use_gpu, **parallel}
+    out["export"] = {
+        "registered_model_name": job.registered_model_name,
+        "max_shard_size": job.max_shard_size,
+        "dtype": job.export_dtype,
+    }
     return out
 
 

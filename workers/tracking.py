@@ -41,3 +41,20 @@ class RunLogger:
     def artifacts(self, directory: Path) -> None:
         if self.client:
             self.client.log_artifacts(self.run_id, str(directory))
+
+    def register_model(self, name: str, source: str, tags: dict[str, str]) -> str | None:
+        """A new version of the registered model `name` (created if missing) whose source is the export folder
+        `source` (s3://...), linked to this run, with lineage `tags`; returns the version (None with tracking off).
+        """
+        if not self.client:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="rCM few-step students (rcm-distill)")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags)
+        self.client.set_tag(self.run_id, "rcm.registered_model", f"{name}/{version.version}")
+        return str(version.version)

@@ -13,6 +13,7 @@ reason naming the step and the terms, written for workers/entrypoint.py to repor
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,8 +26,9 @@ from rcm_core import pipeline
 from rcm_core.checkpoint import load_checkpoint
 from rcm_core.distill import Distiller
 from rcm_core.eval import report_json
+from rcm_core.export import MANIFEST, config_sha256, export_manifest
 from rcm_core.models.flow import FlowModel
-from rcm_core.tasks import final_report, get_task, periodic_metrics
+from rcm_core.tasks import final_report, get_task, periodic_metrics, student_info
 from rcm_core.trainer import NonFiniteError, Trainer, TrainHooks, check_finite_state
 from workers import checkpointing, datasets, distributed, storage
 from workers.spec import JobConfig, effective_spec, job_config
@@ -153,8 +155,10 @@ def _evaluate(distiller: Distiller, teacher_net: nn.Module, job: JobConfig, log:
 
 
 def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobConfig, job_id: str, log) -> None:
-    """Rank 0: student (EMA) weights + config (the task's layout, e.g. diffusers' transformer/ folder) + evaluation
-    report + sample grid, to S3 (jobs/<id>/export/) and MLflow."""
+    """Rank 0: the final report (teacher vs EMA student), then the student in the task's layout (a diffusers task:
+    save_pretrained folder, sampler record, model card; rcm_core.export) with the report, grid and evaluation
+    latents, uploaded to S3 (jobs/<id>/export/) with its manifest LAST, logged to MLflow, and registered as a
+    new version of export.registered_model_name when the spec names one."""
     ema = _ema_student(distiller, teacher_net)
     if ema is None:
         return
@@ -164,22 +168,59 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobCo
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in ema.net.state_dict().items()}
     check_finite_state(state, "student")  # the Trainer's guard makes this unreachable; an export must never hold NaN
-    info = {
-        "task": cfg.task,
-        "parameterization": distiller.student.parameterization,
-        "model": task.network_config(cfg, meta),  # what rebuilds the student's network
-        "data": cfg.data.__dict__,
-        "guidance_scale": cfg.teacher.guidance_scale,
-    }
-    task.write_student(out, state, info, meta)
     teacher = FlowModel(teacher_net, distiller.teacher.parameterization).eval()
     rows, metrics = final_report(cfg, teacher, ema, distiller.task, meta, out / "samples.png")
     (out / "report.json").write_text(report_json({"rows": rows, "step": distiller.step}))
-    bucket = os.environ["RCM_CHECKPOINT_BUCKET"]
-    for f in sorted(p for p in out.rglob("*") if p.is_file()):
-        storage.upload(f, f"s3://{bucket}/jobs/{job_id}/export/{f.relative_to(out).as_posix()}")
+    info = student_info(cfg, distiller.student.parameterization, meta)
+    info |= {
+        "job_id": job_id,
+        "teacher": _teacher_identity(job),
+        "dataset": _dataset_identity(job),
+        "metrics": metrics,
+        "step": distiller.step,
+        "spec": effective_spec(job),
+        "max_shard_size": job.max_shard_size,
+        "dtype": job.export_dtype,
+    }
+    task.write_student(out, state, info, meta)
+    key = f"jobs/{job_id}/export/"
+    prefix = f"s3://{os.environ['RCM_CHECKPOINT_BUCKET']}/{key}"
+    manifest = export_manifest(out, job_id=job_id, step=distiller.step)
+    for name in manifest["files"]:
+        storage.upload(out / name, prefix + name)
+    # the manifest last: a reader (rcm sample, the registry's users) trusts the folder only once it is there
+    storage.put_json(manifest, key + MANIFEST)
     log.metrics(metrics, step=distiller.step)
     log.artifacts(out)
+    if job.registered_model_name:
+        tags = {
+            "rcm.job_id": job_id,
+            "rcm.teacher": str(info["teacher"].get("uri")),
+            "rcm.teacher_config_sha256": str(info["teacher"].get("config_sha256", "")),
+            "rcm.dataset": json.dumps(info["dataset"], sort_keys=True),
+            "rcm.step": str(distiller.step),
+        }
+        log.register_model(job.registered_model_name, prefix, tags)
+
+
+def _dataset_identity(job: JobConfig) -> dict[str, Any]:
+    """The data a student was distilled on, for its lineage: the dataset name and any URI the spec gave for it."""
+    data = job.distill.data
+    identity: dict[str, Any] = {"dataset": data.dataset}
+    for name in ("uri", "prompt_file_uri"):  # a stored dataset (data.uri), a prompt file
+        value = getattr(data, name, None) or (job.prompt_file_uri if name == "prompt_file_uri" else None)
+        if value:
+            identity[name] = value
+    return identity
+
+
+def _teacher_identity(job: JobConfig) -> dict[str, Any]:
+    """The teacher's URI and, for a diffusers folder, the SHA-256 of its config.json (what identifies it)."""
+    identity: dict[str, Any] = {"uri": job.teacher_uri}
+    path = job.distill.teacher.path
+    if path and (Path(path) / "config.json").is_file():
+        identity["config_sha256"] = config_sha256(Path(path) / "config.json")
+    return identity
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

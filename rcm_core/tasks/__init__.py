@@ -17,6 +17,7 @@ from rcm_core.tasks.base import (
     get_task,
     periodic_metrics,
     register,
+    student_info,
     student_metrics,
     task_for_dataset,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "get_task",
     "periodic_metrics",
     "register",
+    "student_info",
     "student_metrics",
     "task_for_dataset",
 ]

@@ -116,6 +116,25 @@ def eval_seed(cfg: DistillConfig) -> int:
     return cfg.train.seed + 1000
 
 
+def student_info(cfg: DistillConfig, parameterization: str, meta: dict) -> dict[str, Any]:
+    """What an export records about how its student was made and how it samples (rcm.json; the diffusers task
+    also builds its sampler record from it): task, parameterization, network config, data, guidance, and the
+    evaluation's sampler settings (mid times, step counts, seed)."""
+    task = get_task(cfg.task)
+    return {
+        "task": cfg.task,
+        "parameterization": parameterization,
+        "model": task.network_config(cfg, meta),  # what rebuilds the student's network
+        "data": dict(cfg.data.__dict__),
+        "guidance_scale": cfg.teacher.guidance_scale,
+        "eval": {
+            "student_mid_times": list(cfg.eval.student_mid_times),
+            "student_steps": list(cfg.eval.student_steps),
+            "seed": eval_seed(cfg),
+        },
+    }
+
+
 def periodic_metrics(cfg: DistillConfig, student: FlowModel, data, grid: Path) -> dict[str, float]:
     """The EMA student at 1 and 4 steps on half of cfg.eval.num_samples; metrics named eval/<N>step/<metric>."""
     task = get_task(cfg.task)

@@ -17,8 +17,11 @@ README says so:
 Evaluation without a scorer: every sampler starts from the same noise and placeholder conditions, and its output
 is compared with the teacher's reference sample (max(eval.teacher_steps) Euler steps, CFG), as relative L2
 (||x - ref|| / ||ref||, mean over samples) and MSE. The reference is drawn with the pool at job start.
-Export: the student in diffusers layout (transformer/config.json + diffusion_pytorch_model.safetensors, the
-teacher's state-dict keys), loadable by the family's diffusers class with from_pretrained.
+The evaluation also writes its inputs and outputs beside the grid (samples.safetensors: tokens, mask, noise and
+student_<N>step latents), so an exported student can be checked to reproduce them.
+Export (rcm_core.export documents the layout): the student `save_pretrained` by the family's diffusers class
+(sharded with an index above export.max_shard_size), the rCM sampler record as scheduler/scheduler_config.json, a
+model card README.md and rcm.json.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from rcm_core.sampling import sample_consistency, sample_euler, student_times
 from rcm_core.tasks.base import Task, eval_seed, register
 
 TEXT_DIM_KEYS = ("text_dim", "text_embed_dim")  # Wan, Cosmos: width of the text-encoder tokens in config.json
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pretrained reads (unsharded)
 
 
 @register
@@ -84,6 +86,7 @@ class Diffusers(Task):
         cond = {k: v[:num_samples] for k, v in data.eval_cond.items()}
         noise = data.eval_noise[:num_samples]
         rows, panels = [], [("teacher reference", ref)]
+        latents = {**cond, "noise": noise, "reference": ref}
         for name, model, steps_list, is_teacher in entries:
             device = next(model.parameters()).device
             c, z = {k: v.to(device) for k, v in cond.items()}, noise.to(device)
@@ -101,22 +104,51 @@ class Diffusers(Task):
                 ms = 1e3 * (time.perf_counter() - start) / len(z)
                 rows.append({"model": name, "steps": steps, **distance_to_reference(x.cpu(), ref), "ms_per_sample": ms})
                 panels.append((f"{name} {steps}-step", x.cpu()))
+                latents[f"{'teacher' if is_teacher else 'student'}_{steps}step"] = x.cpu()
         latent_grid(panels, grid)
+        _save_latents(latents, grid.with_suffix(".safetensors"))
         return rows
 
     def network_config(self, cfg: DistillConfig, meta: dict) -> dict[str, Any]:
         return meta["config"]
 
     def write_student(self, out: Path, state: dict[str, torch.Tensor], info: dict[str, Any], meta: dict) -> None:
-        """transformer/ as save_pretrained writes it (the teacher's config.json, the student's weights under the
-        teacher's keys), plus rcm.json: how it was distilled."""
-        from safetensors.torch import save_file
+        """The export (rcm_core.export): transformer/ by save_pretrained of the teacher's class over the student's
+        weights (the teacher's keys; sharded above info["max_shard_size"]), the sampler record, the model card and
+        rcm.json. `info` carries eval (mid_times, step counts, seed), latent_shape and, from a job, job/teacher/
+        metrics/spec for the card."""
+        from rcm_core import export
+        from rcm_core.teachers import FAMILIES, diffusers_module
 
-        folder = out / "transformer"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
-        (out / "rcm.json").write_text(json.dumps({**info, "family": meta["family"]}, indent=2) + "\n")
+        family = FAMILIES[meta["family"]]
+        if info.get("dtype", "float32") == "bfloat16":
+            state = _bf16_except_fp32_modules(state, family)
+        module = diffusers_module(meta["config"], state, family)
+        module.save_pretrained(
+            str(out / export.TRANSFORMER_DIR), max_shard_size=info.get("max_shard_size", export.DEFAULT_MAX_SHARD_SIZE)
+        )
+        ev = info["eval"]
+        record = export.sampler_record(
+            mid_times=ev["student_mid_times"],
+            step_counts=ev["student_steps"],
+            latent_shape=info["data"]["latent_shape"],
+            eval_seed=ev["seed"],
+        )
+        (out / export.SAMPLER_CONFIG).parent.mkdir(parents=True, exist_ok=True)
+        (out / export.SAMPLER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+        teacher = {**info.get("teacher", {}), "family": family.name, "guidance_scale": info["guidance_scale"]}
+        card = export.model_card(
+            job_id=info.get("job_id", "local"),
+            family=family.name,
+            class_name=family.class_name,
+            teacher=teacher,
+            dataset=info.get("dataset", {"dataset": info["data"]["dataset"]}),
+            metrics=info.get("metrics", {}),
+            record=record,
+            spec=info.get("spec", {}),
+        )
+        (out / "README.md").write_text(card)
+        (out / "rcm.json").write_text(json.dumps({**info, "family": family.name}, indent=2, default=str) + "\n")
 
     def format_table(self, rows: list[dict]) -> str:
         lines = [f"{'model':<34} {'steps':>5} {'rel_l2':>9} {'mse':>11} {'ms/sample':>10}"]
@@ -382,6 +414,23 @@ class DatasetData(TeacherSyntheticData):
             )
         epoch, emitted = (int(v) for v in positions[self.access.dp_rank].tolist())
         self.stream.seek(epoch, emitted)
+
+
+def _bf16_except_fp32_modules(state: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
+    """Floating tensors to bfloat16, except those of the modules diffusers keeps in float32 (its class'
+    _keep_in_fp32_modules, matched by key component as diffusers does): what from_pretrained(torch_dtype=bf16)
+    would hold."""
+    keep = set(getattr(family.diffusers_class(), "_keep_in_fp32_modules", None) or ())
+    return {
+        k: v.to(torch.bfloat16) if v.is_floating_point() and not keep & set(k.split(".")) else v
+        for k, v in state.items()
+    }
+
+
+def _save_latents(latents: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in latents.items()}, str(path))
 
 
 def distance_to_reference(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

@@ -110,6 +110,24 @@ def load_diffusers_net(path: str | Path, dtype: torch.dtype | None = None, famil
     return fam.build_net(module), fam, config
 
 
+def diffusers_module(config: dict, state_dict: dict[str, torch.Tensor], family: Family | None = None) -> nn.Module:
+    """The family's diffusers module (e.g. WanTransformer3DModel) built from `config` over `state_dict` (full,
+    unsharded; the tensors are used in place, dtypes kept): what a student is `save_pretrained` from. `family`:
+    needed when `config` has no `_class_name` (a module built in memory, never saved).
+
+    Parameters are created on the meta device and then assigned, so no random init runs (a 14B model would take
+    minutes and twice the memory); buffers, persistent or not (Wan's RoPE tables), are built for real.
+    """
+    from accelerate import init_empty_weights
+
+    fam = family or detect_family(config)
+    init_kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights(include_buffers=False):
+        model = fam.diffusers_class().from_config(init_kwargs)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
 def load_diffusers_teacher(path: str | Path, dtype: torch.dtype | None = None, family: str | None = None) -> FlowModel:
     """A diffusers transformer directory -> the TrigFlow F-predictor `forward(x_t, t, cond)` (see module doc)."""
     net, _, _ = load_diffusers_net(path, dtype, family)
@@ -130,4 +148,12 @@ def _register_builtin_families() -> None:
 
 _register_builtin_families()
 
-__all__ = ["FAMILIES", "Family", "detect_family", "load_diffusers_net", "load_diffusers_teacher", "register_family"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "detect_family",
+    "diffusers_module",
+    "load_diffusers_net",
+    "load_diffusers_teacher",
+    "register_family",
+]

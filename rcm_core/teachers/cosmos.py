@@ -212,6 +212,7 @@ class CosmosNet(TokenNet):
         super().__init__()
         check_cosmos_config(dict(model.config))
         cfg = model.config
+        self.diffusers_config = dict(cfg)  # to rebuild a CosmosTransformer3DModel for save_pretrained
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.patch_size = tuple(cfg.patch_size)
         self.in_channels, self.out_channels = cfg.in_channels, cfg.out_channels
@@ -237,6 +238,15 @@ class CosmosNet(TokenNet):
         weights, not copies; the module is consumed) and turns their nn.Linear into rcm_core's Linear (one-GEMM JVP
         rule, no new state). `fps` scales temporal RoPE positions by 24 / fps (module docstring); None = no scaling."""
         return cls(model, attention_backend=attention_backend, fps=fps)
+
+    def to_diffusers(self, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A diffusers CosmosTransformer3DModel over this net's weights (same storage, dtypes kept), e.g. to
+        `save_pretrained` a student. `state_dict`: full (unsharded) weights, for a net FSDP has sharded (default:
+        this net's own)."""
+        from rcm_core.teachers import diffusers_module
+
+        state = self.state_dict() if state_dict is None else state_dict
+        return diffusers_module(self.diffusers_config, state, FAMILY)
 
     def _match(self) -> bool:
         return self.match_diffusers_precision

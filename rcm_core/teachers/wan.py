@@ -216,14 +216,10 @@ class WanNet(TokenNet):
         """A diffusers WanTransformer3DModel over this net's weights (same storage, dtypes kept), e.g. to
         `save_pretrained` a student. `state_dict`: full (unsharded) weights, for a net FSDP has sharded (default:
         this net's own)."""
-        from diffusers import WanTransformer3DModel
+        from rcm_core.teachers import diffusers_module
 
-        with torch.device("meta"):
-            model = WanTransformer3DModel.from_config(self.diffusers_config)
-        model.load_state_dict(self.state_dict() if state_dict is None else state_dict, strict=True, assign=True)
-        cfg = model.config  # the RoPE tables are non-persistent buffers (in no state dict): build them for real
-        model.rope = type(model.rope)(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len)
-        return model.eval()
+        state = self.state_dict() if state_dict is None else state_dict
+        return diffusers_module(self.diffusers_config, state, WAN21)
 
     # -- TokenNet (rcm_core.models.token_net) ---------------------------------------------------------
     def self_attentions(self) -> list:

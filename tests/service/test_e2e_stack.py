@@ -2,6 +2,7 @@
 API under uvicorn, all started by scripts/stack.py in a temporary data directory on free ports (beside a demo
 stack, if one runs) and stopped by PID."""
 
+import hashlib
 import json
 import math
 import os
@@ -493,6 +494,8 @@ WAN_SPEC = {
     "resources": {"num_workers": 2, "cp_degree": 2, "fsdp_degree": 1},
     "schedule": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "eval_every": 2, "seed": 5},
     "eval": {"num_samples": 10, "teacher_steps": [4]},
+    # issue 18 item 4: a sharded diffusers export, registered as a new version of tenant demo's model
+    "export": {"registered_model_name": "demo.wan-e2e", "max_shard_size": "40KB"},
 }
 
 
@@ -509,8 +512,17 @@ def wan_teacher(stack, tmp_path_factory):
 
 
 def test_wan_teacher_job_with_context_parallel_succeeds_and_exports_a_diffusers_student(stack, wan_teacher, tmp_path):
+    """A tiny Wan teacher, 2 workers at cp_degree 2: the job succeeds with its metrics, checkpoints and report; the
+    student is exported in diffusers layout (sharded, manifest last, model card, sampler record), reloaded by
+    from_pretrained it reproduces the job's own evaluation samples (in this process and through `rcm sample`
+    reading the export from S3), and it is a new version of the spec's model in MLflow's Model Registry."""
+    import torch
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
+
+    from rcm_core.export import sample_student
+    from rcm_core.models.flow import FlowModel
+    from rcm_core.teachers.wan import WanNet
 
     tok = stack["tokens"]["a"]
     job, run_id, run = _succeed(tok, WAN_SPEC, timeout=500)
@@ -533,18 +545,58 @@ def test_wan_teacher_job_with_context_parallel_succeeds_and_exports_a_diffusers_
     rows = [(r["model"].split(" (")[0], r["steps"]) for r in report["rows"]]
     assert rows == [("teacher", 4)] + [("student", s) for s in (1, 2, 4)]
     assert all(math.isfinite(r["rel_l2"]) and r["rel_l2"] >= 0 for r in report["rows"])
-    # the student in diffusers layout: from_pretrained loads it, with the teacher's keys and trained weights
-    export = tmp_path / "transformer"
-    export.mkdir()
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        key = f"jobs/{job['id']}/export/transformer/{name}"
-        (export / name).write_bytes(stack["s3"].get_object(Bucket="ckpt", Key=key)["Body"].read())
-    student = WanTransformer3DModel.from_pretrained(str(export))
+    # the student in diffusers layout, manifest last: every file it lists is there with its size
+    prefix = f"jobs/{job['id']}/export/"
+    manifest = json.loads(stack["s3"].get_object(Bucket="ckpt", Key=prefix + "manifest.json")["Body"].read())
+    stored = {
+        o["Key"].removeprefix(prefix): o["Size"]
+        for o in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=prefix)["Contents"]
+    }
+    assert stored == {**manifest["files"], "manifest.json": stored["manifest.json"]}
+    names = set(manifest["files"])
+    assert {"README.md", "rcm.json", "scheduler/scheduler_config.json", "samples.safetensors"} <= names
+    assert "transformer/diffusion_pytorch_model.safetensors.index.json" in names  # sharded at 40KB
+    export = tmp_path / "export"
+    for name in names:
+        (export / name).parent.mkdir(parents=True, exist_ok=True)
+        (export / name).write_bytes(stack["s3"].get_object(Bucket="ckpt", Key=prefix + name)["Body"].read())
+    card = (export / "README.md").read_text()
+    assert job["id"] in card and WAN_FOLDER in card and "eval/4step/rel_l2" in card
+    assert hashlib.sha256((wan_teacher / "config.json").read_bytes()).hexdigest() in card
+    # from_pretrained loads it, with the teacher's keys and trained weights
+    student = WanTransformer3DModel.from_pretrained(str(export), subfolder="transformer")
     teacher = WanTransformer3DModel.from_pretrained(str(wan_teacher))
     s_state, t_state = student.state_dict(), teacher.state_dict()
     assert s_state.keys() == t_state.keys()
-    assert s_state.keys() == load_file(str(export / "diffusion_pytorch_model.safetensors")).keys()
     assert any(not (s_state[k] == t_state[k]).all() for k in t_state)  # trained, not the teacher copied
+    # ... and with the recorded few-step sampler it gives the job's own evaluation samples (1, 2 and 4 steps)
+    evaluated = load_file(str(export / "samples.safetensors"))
+    record = json.loads((export / "scheduler" / "scheduler_config.json").read_text())["rcm"]
+    net = FlowModel(WanNet.from_diffusers(student), "rf").eval()
+    cond = {"tokens": evaluated["tokens"], "mask": evaluated["mask"]}
+    for steps in (1, 2, 4):
+        times = record["schedules"][str(steps)]["trigflow_times"]
+        x = sample_student(net, cond, evaluated["noise"], times, record["eval_seed"])
+        torch.testing.assert_close(x, evaluated[f"student_{steps}step"], rtol=1e-5, atol=1e-5)
+    # `rcm sample` straight from S3 reproduces the 4-step samples too (the eval's embeddings + noise as input)
+    creds = stack["stack"].creds
+    env = {**os.environ, "RCM_S3_ENDPOINT_URL": stack["stack"].s3_url, "AWS_ACCESS_KEY_ID": creds["S3_ACCESS_KEY"]}
+    env["AWS_SECRET_ACCESS_KEY"] = creds["S3_SECRET_KEY"]
+    cmd = [sys.executable, "-m", "rcm_client.cli", "sample", "--student", f"s3://ckpt/{prefix}", "--steps", "4"]
+    cmd += ["--prompt-embeds", str(export / "samples.safetensors"), "--out", str(tmp_path / "sampled")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    latents = load_file(str(tmp_path / "sampled" / "latents.safetensors"))["latents"]
+    torch.testing.assert_close(latents, evaluated["student_4step"], rtol=1e-5, atol=1e-5)
+    # registered in the MLflow Model Registry as a new version of the named model, with lineage tags
+    r = httpx.get(
+        f"{MLFLOW}/api/2.0/mlflow/model-versions/search", params={"filter": "name='demo.wan-e2e'"}
+    ).raise_for_status()
+    (version,) = r.json()["model_versions"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert version["source"] == f"s3://ckpt/{prefix}" and version["run_id"] == run_id
+    assert tags["rcm.job_id"] == job["id"] and tags["rcm.teacher"] == WAN_FOLDER
+    assert tags["rcm.teacher_config_sha256"] in card and "teacher-synthetic" in tags["rcm.dataset"]
 
 
 def test_wan_teacher_folder_the_job_cannot_use_is_refused_with_the_field(stack, wan_teacher, tmp_path):

@@ -368,3 +368,22 @@ def test_family_guidance_maps_cosmos_form_to_project_form():
     assert family.class_name == "CosmosTransformer3DModel"
     assert family.default_guidance == 7.0 and family.guidance_to_project(7.0) == 8.0
     assert math.isclose(family.guidance_to_project(0.0), 1.0)  # w = 0: conditional only
+
+
+def test_a_cosmos_student_saves_back_in_diffusers_layout(tiny_dir, tmp_path):
+    """CosmosNet.to_diffusers + save_pretrained (sharded): the student's exact weights under diffusers' keys, and
+    loaded again through load_diffusers_teacher it gives the same F."""
+    student = load_diffusers_teacher(tiny_dir, dtype=torch.float64)
+    with torch.no_grad():  # a trained student differs from the teacher it started as
+        for p in student.parameters():
+            p.add_(0.01)
+    path = tmp_path / "transformer"
+    student.net.to_diffusers().save_pretrained(str(path), max_shard_size="20KB")
+    assert (path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = load_diffusers_teacher(path, dtype=torch.float64)
+    expected, got = student.net.state_dict(), loaded.net.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    x_t, cond = tiny_inputs(frames=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_t, T, cond), student(x_t, T, cond), rtol=0, atol=0)

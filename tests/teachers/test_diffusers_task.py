@@ -4,15 +4,20 @@ rCM steps run through the one Trainer, the report compares every sampler with th
 export is a diffusers folder that the family's class loads with from_pretrained (the student's weights under the
 teacher's keys). The same path through the service: tests/service/test_e2e_stack.py (Wan, 2 workers, CP 2)."""
 
+import math
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rcm_core import pipeline
 from rcm_core.config import ConfigError, config_from_dict
+from rcm_core.export import read_sampler_record, sample_student
 from rcm_core.models.flow import FlowModel, guided_f
 from rcm_core.sampling import sample_euler
-from rcm_core.tasks import final_report, get_task
+from rcm_core.tasks import eval_seed, final_report, get_task, student_info
 from rcm_core.tasks.diffusers import check_teacher_config, placeholder_conditions
+from rcm_core.teachers import FAMILIES as FAMILY_OF
 
 FAMILIES = {  # family -> (diffusers class, saver, latent [C, F, H, W])
     "wan2.1": ("WanTransformer3DModel", "tests.teachers.wan_tiny:save_wan_tiny", [4, 2, 4, 4]),
@@ -75,14 +80,30 @@ def test_diffusers_task_distils_and_exports_a_diffusers_student(tmp_path, family
     assert rows[0]["rel_l2"] < 1e-5 and all(r["rel_l2"] > 0 for r in rows[1:])
     assert set(metrics) == {f"eval/{s}step/{m}" for s in (1, 2, 4) for m in ("rel_l2", "mse")}
     assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG")
-    # the export: from_pretrained of the family's diffusers class reads the student's weights back
+    # the export: from_pretrained of the family's diffusers class reads the student's weights back (sharded)
     state = {k: v.contiguous() for k, v in distiller.ema.model.net.state_dict().items()}
-    task.write_student(tmp_path / "export", state, {"task": "diffusers"}, meta)
-    loaded = getattr(diffusers, cls_name).from_pretrained(str(tmp_path / "export" / "transformer")).state_dict()
+    info = student_info(cfg, "rf", meta) | {"max_shard_size": "30KB"}
+    out = tmp_path / "export"
+    task.write_student(out, state, info, meta)
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    module = getattr(diffusers, cls_name).from_pretrained(str(out / "transformer"))
+    loaded = module.state_dict()
     assert loaded.keys() == state.keys() == teacher_net.state_dict().keys()
     for k, v in state.items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
     assert any(not torch.equal(state[k], teacher_net.state_dict()[k]) for k in state)
+    # the loaded student + the recorded sampler reproduce the evaluation's samples (samples.safetensors)
+    record = read_sampler_record(out)
+    assert record["eval_seed"] == eval_seed(cfg) and record["schedules"]["4"]["trigflow_times"][0] == math.pi / 2
+    evaluated = load_file(str(tmp_path / "samples.safetensors"))
+    student = FlowModel(FAMILY_OF[family].build_net(module), "rf").eval()
+    cond = {"tokens": evaluated["tokens"], "mask": evaluated["mask"]}
+    for steps in (1, 2, 4):
+        times = record["schedules"][str(steps)]["trigflow_times"]
+        x = sample_student(student, cond, evaluated["noise"], times, record["eval_seed"])
+        torch.testing.assert_close(x, evaluated[f"student_{steps}step"], rtol=1e-5, atol=1e-6)
+    card = (out / "README.md").read_text()
+    assert cls_name in card and "eval/4step/rel_l2" not in card  # metrics come from a job (none here)
 
 
 def test_placeholder_prompts_are_zero_past_their_length_and_seeded():

@@ -203,3 +203,14 @@ def test_diffusers_teacher_defaults_come_from_its_family():
         job_config(
             {**_stored(payload), "teacher": {"uri": payload["teacher"]["uri"]}}, output_dir="x", teacher_family="x"
         )
+
+
+def test_export_section_reaches_the_worker_and_round_trips():
+    export = {"registered_model_name": "acme.wan-4step", "max_shard_size": "200MB", "dtype": "bfloat16"}
+    spec = _stored({"name": "e", "teacher": {"uri": "builtin:toy2d"}, "export": export})
+    job = job_config(spec, output_dir="/tmp/x")
+    assert (job.registered_model_name, job.max_shard_size) == ("acme.wan-4step", "200MB")
+    assert effective_spec(job)["export"] == export
+    assert job_config(effective_spec(job), output_dir="/tmp/x") == job
+    default = job_config(_stored({"name": "e", "teacher": {"uri": "builtin:toy2d"}}), output_dir="/tmp/x")
+    assert (default.registered_model_name, default.max_shard_size, default.export_dtype) == (None, "5GB", "float32")
