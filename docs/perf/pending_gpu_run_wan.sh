@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 17 item 6: the rCM step of Wan2.1-T2V-1.3B at 480p x 81 frames and one Wan2.1-14B block, on one H200.
-# Written and NOT yet run: device loans were paused on 2026-12-05 (the day it was written). Three parts:
+# Run on one H200 on 2026-12-05 (results: docs/perf/wan_2026-12-05_h200/, docs/perf/wan.md); the 8-GPU part not yet. Three parts:
 #
 #   1. here, with network access (once per checkout; the wheels are git-ignored, so a fresh checkout needs it):
 #        bash docs/perf/pending_gpu_run_wan.sh prepare
