@@ -321,6 +321,8 @@ NOT_DEPLOYED = {
     "RCM_ATTN_SM90": "an escape hatch: unset, Hopper GPUs run the Gluon attention kernel (rcm_core/kernels)",
     "RCM_ATTN_FUSED_JVP": "an escape hatch: unset, attention under forward-mode AD runs the fused forward+JVP kernel",
     "RCM_FUSED_ADALN": "opt-in, off by default until measured on a GPU (rcm_core/models/adaln.py)",
+    "AWS_ENDPOINT_URL": "`rcm sample --student s3://...` on a user's machine (rcm_core/export.py), the AWS CLI's "
+    "own name for the endpoint; the cluster sets RCM_S3_ENDPOINT_URL",
     "RCM_PROMPT_DIR": "optional on Ray nodes: unset, prompt files must be s3:// URIs (workers/storage.py)",
 }
 # Settings fields that only one backend reads.

@@ -19,6 +19,7 @@ def app_and_tokens(tmp_path_factory):
     import os
 
     db = tmp_path_factory.mktemp("db") / "jobs.db"
+    saved = dict(os.environ)  # restored at teardown: later modules (and the stacks they start) must not inherit
     os.environ.update(
         DATABASE_URL=f"sqlite:///{db}",
         S3_ACCESS_KEY="k",
@@ -41,6 +42,8 @@ def app_and_tokens(tmp_path_factory):
             tokens = {"a": crud.create_token(s, "tenant-a"), "b": crud.create_token(s, "tenant-b")}
         yield client, tokens, cluster, app
     del app.state.cluster
+    os.environ.clear()
+    os.environ.update(saved)
     get_settings.cache_clear()
 
 
