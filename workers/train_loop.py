@@ -137,8 +137,9 @@ def _system_metrics() -> dict[str, float]:
 
 
 def _ema_student(distiller: Distiller, teacher_net: nn.Module) -> FlowModel | None:
-    """The EMA student, unsharded, on rank 0 (None elsewhere); all ranks must call it."""
-    net = distributed.full_copy(distiller.ema.model.net, teacher_net)
+    """The EMA student, unsharded, on rank 0 (None elsewhere); all ranks must call it. A LoRA student's copy is
+    built from its template (the teacher's weights + adapters), not from the teacher."""
+    net = distributed.full_copy(distiller.ema.model.net, distiller.student_template)
     return None if net is None else FlowModel(net, distiller.student.parameterization).eval()
 
 
