@@ -134,7 +134,7 @@ def model_card(
         ]
         load = [
             f'transformer = {class_name}.from_pretrained("<the teacher\'s transformer folder>")',
-            'transformer.load_lora_adapter("<this folder>", prefix="transformer")',
+            f'transformer.load_lora_adapter("<this folder>", prefix="transformer", weight_name="{LORA_WEIGHTS}")',
             '# or, in a pipeline of the teacher: pipe.load_lora_weights("<this folder>")',
         ]
     lines = [
