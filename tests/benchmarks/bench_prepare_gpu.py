@@ -10,9 +10,8 @@ the real code path (rcm_core.data.prepare.prepare_dataset) in bf16: prompts only
 
     PYTHONPATH=$PWD python tests/benchmarks/bench_prepare_gpu.py --csv out.csv
 
-NOT RUN YET (2026-12-05): the lent H200 has transformers 5.17 but no diffusers; carry a diffusers==0.42.1 wheel
-(plus importlib_metadata, zipp) and `pip install --no-deps` it first. Until then the real-size throughput of
-`rcm data prepare` is unmeasured.
+Run on one H200 on 2026-12-05 by `bash docs/perf/gpu_run_prepare.sh` (diffusers wheel carried, the image's
+transformers 5.17): results in docs/data_prepare.md ("Throughput") and docs/perf/prepare_2026-12-05_h200/.
 """
 
 from __future__ import annotations

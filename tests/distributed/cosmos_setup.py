@@ -24,40 +24,17 @@ FRAMES, SIZE = 2, 8  # latent T x H x W = 2 x 8 x 8: 2 x 4 x 4 = 32 tokens after
 TEXT_LEN, TEXT_DIM = 6, 8
 
 
-class RandomVideoLatentTask:
-    """x0 (B, C, T, H, W) ~ N(0, 1) and text {"tokens": (B, Lc, Dc), "mask": (B, Lc)}, right-padded prompts; the
-    null condition is a fixed 'negative prompt' embedding (as the Cosmos pipelines use), not zeros."""
-
-    def __init__(self, *, channels: int, device=None):
-        self.sample_shape = (channels, FRAMES, SIZE, SIZE)
-        self.device = torch.device(device or "cpu")
-
-    def sample(self, batch_size: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        cond = self.sample_cond(batch_size, generator=generator)
-        x0 = torch.randn((batch_size, *self.sample_shape), generator=generator, device=self.device)
-        return x0, cond
-
-    def sample_cond(self, batch_size: int, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        tokens = torch.randn((batch_size, TEXT_LEN, TEXT_DIM), generator=generator, device=self.device)
-        lengths = torch.randint(1, TEXT_LEN + 1, (batch_size,), generator=generator, device=self.device)
-        mask = torch.arange(TEXT_LEN, device=self.device)[None, :] < lengths[:, None]
-        return {"tokens": tokens, "mask": mask}
-
-    def null_cond(self, batch_size: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator(device=self.device).manual_seed(1234)
-        tokens = torch.randn((1, TEXT_LEN, TEXT_DIM), generator=gen, device=self.device)
-        mask = torch.arange(TEXT_LEN, device=self.device)[None, :] < TEXT_LEN // 2
-        return {"tokens": tokens.expand(batch_size, -1, -1), "mask": mask.expand(batch_size, -1)}
-
-
 def teacher_net(device="cpu") -> CosmosNet:
     """A tiny random Cosmos transformer (2 layers, 2 heads of dim 16) as the project's net, in the default dtype."""
     model = build_tiny_cosmos(seed=0).to(torch.get_default_dtype())
     return CosmosNet.from_diffusers(model, attention_backend="math").to(device)
 
 
-def video_task(device="cpu") -> RandomVideoLatentTask:
-    return RandomVideoLatentTask(channels=4, device=device)
+def video_task(device="cpu") -> rcm_setup.RandomVideoTask:
+    """Random latents and text; the null condition is a fixed negative-prompt embedding, as Cosmos pipelines use."""
+    return rcm_setup.RandomVideoTask(
+        sample_shape=(4, FRAMES, SIZE, SIZE), text_len=TEXT_LEN, text_dim=TEXT_DIM, null="negative", device=device
+    )
 
 
 def reference_run(dtype: torch.dtype = torch.float64) -> dict:

@@ -28,30 +28,6 @@ def reference():
     return rcm_setup.reference_run(torch.float64)
 
 
-def assert_same_run(got: dict, ref: dict) -> None:
-    assert len(got["steps"]) == len(ref["steps"]) == rcm_setup.NUM_STEPS
-    for i, (g, r) in enumerate(zip(got["steps"], ref["steps"], strict=True)):
-        assert g["metrics"].keys() == r["metrics"].keys()
-        for key, value in r["metrics"].items():
-            assert math.isclose(g["metrics"][key], value, rel_tol=RTOL, abs_tol=ATOL), (
-                i,
-                key,
-                g["metrics"][key],
-                value,
-            )
-        for which in ("student_grads", "fake_grads"):
-            assert g[which].keys() == r[which].keys(), which
-            for name, ref_grad in r[which].items():
-                torch.testing.assert_close(
-                    g[which][name], ref_grad, rtol=RTOL, atol=ATOL, msg=f"step {i} {which} {name}"
-                )
-    for which, ref_params in ref["final"].items():
-        for name, ref_param in ref_params.items():
-            torch.testing.assert_close(
-                got["final"][which][name], ref_param, rtol=RTOL, atol=ATOL, msg=f"{which} {name}"
-            )
-
-
 @pytest.mark.parametrize(
     ("dp", "cp", "checkpointing"),
     [
@@ -64,16 +40,8 @@ def test_rcm_step_on_n_ranks_equals_one_rank_and_resumes_exactly(reference, tmp_
     out = tmp_path / "result.pt"
     spawn(workers.run_rcm_steps, dp * cp, dp, cp, checkpointing, str(out), str(tmp_path / "ckpt"), timeout=240)
     got = torch.load(out)
-    assert_same_run(got, reference)
-    # resume: the last step again, from the checkpoint written before it, in a fresh Distiller
-    last = got["steps"][-1]
-    assert got["resumed_step"]["metrics"] == last["metrics"]
-    for which in ("student_grads", "fake_grads"):
-        for name, grad in last[which].items():
-            assert torch.equal(got["resumed_step"][which][name], grad), (which, name)
-    for which, params in got["final"].items():
-        for name, param in params.items():
-            assert torch.equal(got["resumed_final"][which][name], param), (which, name)
+    rcm_setup.assert_same_run(got, reference, rtol=RTOL, atol=ATOL)
+    rcm_setup.assert_resumes_exactly(got)
 
 
 def test_parallel_config_defaults_are_single_device_exact():

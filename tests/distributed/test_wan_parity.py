@@ -29,39 +29,17 @@ from tests.teachers.wan_tiny import LATENT, TEXT_LEN, build_wan_tiny, wan_tiny_c
 RTOL, ATOL = 1e-8, 1e-12
 
 
-class RandomVideoTask:
-    """Latents (B, C, F, H, W) ~ N(0, 1) and right-padded text {"tokens": (B, Lc, Dt), "mask": (B, Lc)}, all drawn
-    from the generator passed in (so N ranks with generators in the same state draw identical batches); the null
-    condition is all padding (zero tokens), as an empty negative prompt after WanNet zeroes padded rows."""
-
-    def __init__(self, *, channels: int, text_dim: int, device="cpu"):
-        self.sample_shape = (channels, *LATENT)
-        self.text_dim = text_dim
-        self.device = torch.device(device)
-
-    def sample(self, batch_size: int, *, generator=None):
-        cond = self.sample_cond(batch_size, generator=generator)
-        return torch.randn((batch_size, *self.sample_shape), generator=generator, device=self.device), cond
-
-    def sample_cond(self, batch_size: int, *, generator=None) -> dict[str, torch.Tensor]:
-        tokens = torch.randn((batch_size, TEXT_LEN, self.text_dim), generator=generator, device=self.device)
-        lengths = torch.randint(1, TEXT_LEN + 1, (batch_size,), generator=generator, device=self.device)
-        mask = torch.arange(TEXT_LEN, device=self.device)[None, :] < lengths[:, None]
-        return {"tokens": tokens, "mask": mask}
-
-    def null_cond(self, batch_size: int) -> dict[str, torch.Tensor]:
-        tokens = torch.zeros((batch_size, TEXT_LEN, self.text_dim), device=self.device)
-        return {"tokens": tokens, "mask": torch.zeros((batch_size, TEXT_LEN), dtype=torch.bool, device=self.device)}
-
-
 def wan_teacher() -> WanNet:
     """The tiny random Wan (2 layers, 2 heads of dim 16, 24 tokens) in the default dtype, the same on every rank."""
     return WanNet.from_diffusers(build_wan_tiny(seed=0, dtype=torch.get_default_dtype()))
 
 
-def video_task() -> RandomVideoTask:
+def video_task() -> rcm_setup.RandomVideoTask:
+    """Random latents and text; the null condition is all padding (an empty negative prompt after WanNet zeroes
+    padded rows)."""
     cfg = wan_tiny_config()
-    return RandomVideoTask(channels=cfg["in_channels"], text_dim=cfg["text_dim"])
+    shape = (cfg["in_channels"], *LATENT)
+    return rcm_setup.RandomVideoTask(sample_shape=shape, text_len=TEXT_LEN, text_dim=cfg["text_dim"], null="padding")
 
 
 def distiller(copy_net=None) -> Distiller:
@@ -97,43 +75,6 @@ def reference():
     return reference_run()
 
 
-def max_rel_difference(got: dict, ref: dict) -> float:
-    """The largest relative difference over every compared metric, gradient and final weight (for the report)."""
-    worst = 0.0
-    for g, r in zip(got["steps"], ref["steps"], strict=True):
-        for key, value in r["metrics"].items():
-            worst = max(worst, abs(g["metrics"][key] - value) / max(abs(value), 1e-30))
-        for which in ("student_grads", "fake_grads"):
-            for name, ref_grad in r[which].items():
-                worst = max(worst, ((g[which][name] - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)).item())
-    return worst
-
-
-def assert_same_run(got: dict, ref: dict) -> None:
-    assert len(got["steps"]) == len(ref["steps"]) == rcm_setup.NUM_STEPS
-    for i, (g, r) in enumerate(zip(got["steps"], ref["steps"], strict=True)):
-        assert g["metrics"].keys() == r["metrics"].keys()
-        for key, value in r["metrics"].items():
-            assert math.isclose(g["metrics"][key], value, rel_tol=RTOL, abs_tol=ATOL), (
-                i,
-                key,
-                g["metrics"][key],
-                value,
-            )
-        for which in ("student_grads", "fake_grads"):
-            assert g[which].keys() == r[which].keys(), which
-            for name, ref_grad in r[which].items():
-                torch.testing.assert_close(
-                    g[which][name], ref_grad, rtol=RTOL, atol=ATOL, msg=f"step {i} {which} {name}"
-                )
-    for which, ref_params in ref["final"].items():
-        assert got["final"][which].keys() == ref_params.keys(), which
-        for name, ref_param in ref_params.items():
-            torch.testing.assert_close(
-                got["final"][which][name], ref_param, rtol=RTOL, atol=ATOL, msg=f"{which} {name}"
-            )
-
-
 def test_reference_run_trains_every_weight(reference):
     """Guards the parity test against a vacuous pass: every student and fake-score weight gets a non-zero
     gradient, and the losses are finite."""
@@ -158,8 +99,9 @@ def test_wan_rcm_step_on_n_ranks_equals_one_rank(reference, tmp_path, dp, cp, ch
     out = tmp_path / "result.pt"
     spawn(run_wan_rcm_steps, dp * cp, dp, cp, checkpointing, str(out), timeout=300)
     got = torch.load(out)
-    print(f"wan dp={dp} cp={cp} ac={checkpointing}: max relative difference {max_rel_difference(got, reference):.2e}")
-    assert_same_run(got, reference)
+    worst = rcm_setup.max_rel_difference(got, reference)
+    print(f"wan dp={dp} cp={cp} ac={checkpointing}: max relative difference {worst:.2e}")
+    rcm_setup.assert_same_run(got, reference, rtol=RTOL, atol=ATOL)
 
 
 def run_wan_mixed_precision(rank: int, world: int, out_path: str) -> None:
