@@ -110,7 +110,11 @@ class Distiller(Stateful):
         if self.lora is not None:
             from rcm_core.teachers.lora import with_adapters
 
-            self.student_template = with_adapters(teacher_net, self.lora)
+            # A's random init from the training seed alone: the same on every rank (each takes its shard of this
+            # full copy) and in a resumed run, whatever the global RNG has drawn before
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.train.seed)
+                self.student_template = with_adapters(teacher_net, self.lora)
         self.student = FlowModel(copy_net(self.student_template), param).train()
         if self.lora is None:
             self.student.requires_grad_(True)

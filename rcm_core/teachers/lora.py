@@ -135,3 +135,31 @@ def write_lora(out: Path, adapters: dict[str, torch.Tensor], cfg: LoraConfig, fa
         transformer_lora_adapter_metadata=metadata,
     )
     return out / LORA_WEIGHTS
+
+
+def load_lora_student(teacher_dir: Path, export_dir: Path):
+    """A LoRA export applied the diffusers way: the teacher transformer's `from_pretrained` (float32), then
+    `load_lora_adapter` of the export's LORA_WEIGHTS; returns (the family's net over it, its Family).
+
+    Raises:
+        ConfigError: the export was made from a teacher with another config.json (rcm.json records its SHA-256),
+            or its adapters do not fit the teacher.
+    """
+    import json
+
+    from rcm_core.export import config_sha256
+    from rcm_core.teachers import CONFIG_NAME, detect_family, read_config
+
+    recorded = None
+    if (export_dir / "rcm.json").is_file():
+        recorded = json.loads((export_dir / "rcm.json").read_text()).get("teacher", {}).get("config_sha256")
+    if recorded and recorded != config_sha256(teacher_dir / CONFIG_NAME):
+        raise ConfigError(f"--teacher: {teacher_dir} is not the teacher this LoRA was trained on (config.json differs)")
+    family = detect_family(read_config(teacher_dir))
+    module = family.diffusers_class().from_pretrained(str(teacher_dir), torch_dtype=torch.float32)
+    try:
+        module.load_lora_adapter(str(export_dir), prefix="transformer", weight_name=LORA_WEIGHTS)
+    except (ValueError, RuntimeError) as exc:  # shapes or module names of another model
+        reason = str(exc).splitlines()[0][:160]
+        raise ConfigError(f"--teacher: the LoRA does not fit {teacher_dir} ({reason})") from None
+    return family.build_net(module), family

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from rcm_core import pipeline
 from rcm_core.checkpoint import DirectoryStore, load_checkpoint
+from rcm_core.cli import main
 from rcm_core.config import ConfigError, LoraConfig, config_from_dict, load_config
-from rcm_core.export import LORA_WEIGHTS, TRANSFORMER_DIR, read_sampler_record, sample_student
+from rcm_core.export import LORA_WEIGHTS, TRANSFORMER_DIR, config_sha256, read_sampler_record, sample_student
 from rcm_core.losses.scm import scm_loss
 from rcm_core.models.flow import FlowModel
 from rcm_core.tasks import eval_seed, final_report, get_task, student_info
@@ -116,7 +117,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(run):
     # student + EMA + AdamW's two moments, of the adapters alone (plus the optimizer's step counters)
     assert 4 * 4 * adapter_params <= lora_bytes < 4 * 4 * adapter_params + 1024
     print(f"LoRA student state in the checkpoint: {lora_bytes} bytes; a full student's: {16 * full_params} bytes")
-    # a fresh Distiller (new random A) resumed from step 1 reproduces steps 2 and 3 bit for bit
+    # a fresh Distiller resumed from step 1 reproduces steps 2 and 3 bit for bit
     teacher_net, meta, _ = pipeline.get_teacher(cfg)
     resumed = pipeline.build_distiller(cfg, teacher_net, meta)
     load_checkpoint(resumed, step1)
@@ -126,20 +127,29 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(run):
         assert torch.equal(resumed.student.net.state_dict()[k], v), k
 
 
-def test_lora_export_is_small_and_reloads_in_diffusers_to_the_students_outputs(run):
-    from diffusers import WanTransformer3DModel
-
+@pytest.fixture(scope="module")
+def exported(run):
+    """The EMA student's final report (samples.safetensors) and its export, as the worker writes them."""
     d, cfg, meta, tmp = run["distiller"], run["cfg"], run["meta"], run["tmp"]
-    task = get_task("diffusers")
-    ema = d.ema.model.eval()
     teacher_net, _, _ = pipeline.get_teacher(cfg)
     teacher = FlowModel(teacher_net, "rf").eval()
-    final_report(cfg, teacher, ema, d.task, meta, tmp / "samples.png")  # writes samples.safetensors
+    final_report(cfg, teacher, d.ema.model.eval(), d.task, meta, tmp / "samples.png")  # writes samples.safetensors
     out = tmp / "export"
     out.mkdir()
-    state = {k: v.contiguous() for k, v in ema.net.state_dict().items()}
-    info = student_info(cfg, "rf", meta) | {"job_id": "job-1", "teacher": {"uri": "s3://b/t/"}}
-    task.write_student(out, state, info, meta)
+    state = {k: v.contiguous() for k, v in d.ema.model.net.state_dict().items()}
+    sha = config_sha256(run["teacher_dir"] / "config.json")
+    info = student_info(cfg, "rf", meta) | {"job_id": "job-1", "teacher": {"uri": "s3://b/t/", "config_sha256": sha}}
+    get_task("diffusers").write_student(out, state, info, meta)
+    return {"out": out, "state": state, "info": info, "teacher_net": teacher_net}
+
+
+def test_lora_export_is_small_and_reloads_in_diffusers_to_the_students_outputs(run, exported):
+    from diffusers import WanTransformer3DModel
+
+    cfg, meta, tmp = run["cfg"], run["meta"], run["tmp"]
+    out, state, info, teacher_net = exported["out"], exported["state"], exported["info"], exported["teacher_net"]
+    task = get_task("diffusers")
+    ema = run["distiller"].ema.model.eval()
     assert not (out / TRANSFORMER_DIR).exists()
     weights = out / LORA_WEIGHTS
     with safe_open(str(weights), "pt") as f:
@@ -179,6 +189,27 @@ def test_lora_export_is_small_and_reloads_in_diffusers_to_the_students_outputs(r
         x = sample_student(student, cond, evaluated["noise"], times, record["eval_seed"])
         torch.testing.assert_close(x, evaluated[f"student_{steps}step"], rtol=1e-5, atol=1e-6)
     assert record["eval_seed"] == eval_seed(cfg)
+    # `rcm sample --student <LoRA export> --teacher <teacher folder>`: the same, from the command line
+    sampled = tmp / "sampled"
+    argv = ["sample", "--student", str(out), "--teacher", str(run["teacher_dir"]), "--steps", "4"]
+    assert main([*argv, "--prompt-embeds", str(tmp / "samples.safetensors"), "--out", str(sampled)]) == 0
+    got = load_file(str(sampled / "latents.safetensors"))["latents"]
+    torch.testing.assert_close(got, evaluated["student_4step"], rtol=1e-5, atol=1e-6)
+
+
+def test_sample_lora_export_needs_its_teacher(run, exported, tmp_path, capsys):
+    out = exported["out"]
+    embeds = str(run["tmp"] / "samples.safetensors")
+    other = save_wan_tiny(tmp_path / "other", num_layers=1)  # another teacher: its config.json differs
+    cases = [
+        (["--student", str(out)], "--teacher: the student is a LoRA (pytorch_lora_weights.safetensors)"),
+        (["--student", str(out), "--teacher", str(other)], "is not the teacher this LoRA was trained on"),
+        (["--student", str(run["teacher_dir"]), "--teacher", str(other)], "--teacher: only for a LoRA export"),
+    ]
+    for argv, says in cases:
+        assert main(["sample", *argv, "--prompt-embeds", embeds, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
 
 
 def test_cosmos_lora_export_reloads_with_load_lora_adapter(tmp_path):
