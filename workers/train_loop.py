@@ -201,6 +201,8 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobCo
             "rcm.dataset": json.dumps(info["dataset"], sort_keys=True),
             "rcm.step": str(distiller.step),
         }
+        if info.get("lora"):  # the version is a LoRA of rcm.teacher, not a full transformer
+            tags["rcm.lora"] = json.dumps(info["lora"], sort_keys=True)
         log.register_model(job.registered_model_name, prefix, tags)
 
 

@@ -6,7 +6,8 @@ checkpointed, sharded blocks.
 NUM_STEPS float64 rCM steps (sCM + DMD, the fake score a full network) compared step by step: metrics, the
 student's gradients (adapters only, on both sides) and the fake score's, then every final weight of the student,
 its EMA and the fake score, at the Wan parity test's tolerance (relative 1e-8, absolute 1e-12); a fresh sharded
-Distiller resumed from the sharded checkpoint (adapters only) repeats the last step bit for bit.
+Distiller resumed from the sharded checkpoint (adapters only) repeats the last step bit for bit; the worker's
+unsharded EMA copy (workers.distributed.full_copy from the LoRA template) holds the reference EMA's weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.distributed import rcm_setup
 from tests.distributed.harness import spawn
 from tests.distributed.test_wan_parity import ATOL, RTOL, video_task, wan_teacher
 from tests.distributed.workers import _parallel_dims
+from workers import distributed
 
 LORA = LoraConfig(rank=4, alpha=8.0, target_modules=["to_q", "to_v", "attn1.to_out.0", "ffn.net.2"])
 
@@ -60,6 +62,10 @@ def run_lora_steps(rank: int, world: int, out_path: str, ckpt_root: str) -> None
             path = save_checkpoint(d, Path(ckpt_root), d.step)
         steps.append(rcm_setup.record_step(d))
     result = {"steps": steps, "final": rcm_setup.final_state(d)}
+    # the worker's unsharded EMA student for rank 0's evaluation and export, built from the LoRA template
+    gathered = distributed.full_copy(d.ema.model.net, d.student_template)
+    if rank == 0:
+        result["gathered_ema"] = {f"net.{k}": v.clone() for k, v in gathered.state_dict().items()}
     resumed = build()
     load_checkpoint(resumed, path)
     result["resumed_step"] = rcm_setup.record_step(resumed)
@@ -86,6 +92,10 @@ def test_lora_student_under_fsdp2_on_two_ranks_equals_one_rank(tmp_path):
     print(f"LoRA fsdp=2 ac=full: max relative difference {rcm_setup.max_rel_difference(got, reference):.2e}")
     rcm_setup.assert_same_run(got, reference, rtol=RTOL, atol=ATOL)
     rcm_setup.assert_resumes_exactly(got)
+    ema = reference["final"]["ema"]
+    assert got["gathered_ema"].keys() >= ema.keys()
+    for name, value in ema.items():
+        torch.testing.assert_close(got["gathered_ema"][name], value, rtol=RTOL, atol=ATOL, msg=name)
     # the sharded checkpoint holds the student's and the EMA's adapters, no base weight
     entries = dcp.FileSystemReader(str(next((tmp_path / "ckpt").glob("step-*")))).read_metadata().state_dict_metadata
     for prefix in ("app.student.", "app.ema.model."):
