@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rcm_core import pipeline
 from rcm_core.checkpoint import DirectoryStore, load_checkpoint
@@ -292,3 +292,38 @@ def test_lora_config_errors_name_the_field(tmp_path):
     p = tmp_path / "lora.yaml"
     p.write_text("preset: diffusers-rcm\nstudent:\n  lora:\n    rank: 8\n    alpha: 8\n    target_modules: [to_q]\n")
     assert load_config(p).student.lora == LoraConfig(rank=8, alpha=8.0, target_modules=["to_q"])
+
+
+def test_lora_export_loads_into_the_teachers_wan_pipeline(tmp_path):
+    """`WanPipeline.load_lora_weights(export)` finds the LoRA file among the export's other safetensors and its
+    transformer then computes the LoRA student's velocity."""
+    from diffusers import WanPipeline
+
+    from tests.teachers.pipeline_tiny import save_wan_pipeline
+
+    root = save_wan_pipeline(tmp_path / "pipeline")
+    cfg = _cfg(root / "transformer", tmp_path / "run")
+    net, meta = get_task("diffusers").load_teacher(root / "transformer")
+    student = with_adapters(net, LoraConfig(**LORA))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(len(name)))
+    out = tmp_path / "export"
+    out.mkdir()
+    get_task("diffusers").write_student(out, student.state_dict(), student_info(cfg, "rf", meta), meta)
+    save_file({"noise": torch.zeros(1)}, str(out / "samples.safetensors"))  # a job's export holds this one too
+    pipe = WanPipeline.from_pretrained(str(root))
+    pipe.load_lora_weights(str(out))
+    x, t, cond = wan_inputs(dtype=torch.float32)
+    sigma = torch.sin(t) / (torch.sin(t) + torch.cos(t))
+    with torch.no_grad():
+        tokens = cond["tokens"] * cond["mask"][..., None]
+        got = pipe.transformer(
+            hidden_states=x, timestep=1000.0 * sigma, encoder_hidden_states=tokens, return_dict=False
+        )[0]
+        student.match_diffusers_precision = True
+        want = student(x, sigma, cond)
+        plain = net(x, sigma, cond)  # the teacher alone (its modules carry no adapters)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - plain).norm() / plain.norm() > 1e-2
