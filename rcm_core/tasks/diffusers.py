@@ -173,17 +173,23 @@ class Diffusers(Task):
 
 def check_teacher_config(config: dict, cfg: DistillConfig, cp_degree: int):
     """The teacher's Family, after checking its config.json against the job before any weight is read: a
-    supported `_class_name` and variant, teacher.family agreeing, data.latent_shape fitting in_channels and
-    patch_size, and Ulysses' rules for cp_degree (heads, and the latent's tokens). The service's submission
+    supported `_class_name` and variant, teacher.family agreeing, student.lora's targets being the family's block
+    linears, data.latent_shape fitting in_channels and patch_size, and Ulysses' rules for cp_degree (heads, and
+    the latent's tokens). The service's submission
     check (service/teachers.py) applies the same rules.
 
     Raises:
-        ConfigError: naming the spec field (teacher.family, data.latent_shape, resources.cp_degree).
+        ConfigError: naming the spec field (teacher.family, student.lora.target_modules, data.latent_shape,
+            resources.cp_degree).
     """
     from rcm_core.models.token_net import check_ulysses
     from rcm_core.teachers import detect_family
 
     family = detect_family(config, cfg.teacher.family)
+    if cfg.student.lora is not None:  # block linears of this family only (rcm_core.teachers.lora)
+        from rcm_core.teachers.lora import check_targets
+
+        check_targets(cfg.student.lora, family)
     shape = cfg.data.latent_shape
     channels = config.get("in_channels")
     if channels is not None and shape[0] != channels:

@@ -26,6 +26,7 @@ from rcm_core.export import LORA_WEIGHTS, TRANSFORMER_DIR, config_sha256, read_s
 from rcm_core.losses.scm import scm_loss
 from rcm_core.models.flow import FlowModel
 from rcm_core.tasks import eval_seed, final_report, get_task, student_info
+from rcm_core.tasks.diffusers import check_teacher_config
 from rcm_core.teachers import FAMILIES
 from rcm_core.teachers.lora import is_adapter, with_adapters
 from rcm_core.trainer import Trainer
@@ -165,6 +166,15 @@ def test_lora_export_is_small_and_reloads_in_diffusers_to_the_students_outputs(r
     assert weights.stat().st_size < full_bytes / 2
     card = (out / "README.md").read_text()
     assert "LoRA of the teacher" in card and "s3://b/t/" in card and "load_lora_adapter" in card
+    # export.dtype bfloat16: the adapters stored in bf16, half the tensor bytes
+    half = tmp / "bf16-export"
+    half.mkdir()
+    task.write_student(half, state, {**info, "dtype": "bfloat16"}, meta)
+    halved = load_file(str(half / LORA_WEIGHTS))
+    assert halved.keys() == keys and all(v.dtype == torch.bfloat16 for v in halved.values())
+    header_bytes = weights.stat().st_size - sum(4 * v.numel() for v in halved.values())  # keys and peft config
+    bf16_bytes = header_bytes + sum(2 * v.numel() for v in halved.values())
+    assert abs((half / LORA_WEIGHTS).stat().st_size - bf16_bytes) <= 64  # the header: dtype names, padding
     # the teacher transformer + load_lora_adapter: diffusers' own forward gives the student's velocity
     module = WanTransformer3DModel.from_pretrained(str(run["teacher_dir"]))
     module.load_lora_adapter(str(out), prefix="transformer", weight_name=LORA_WEIGHTS)
@@ -288,6 +298,8 @@ def test_lora_config_errors_name_the_field(tmp_path):
         teacher_net, meta, _ = pipeline.get_teacher(cfg)
         with pytest.raises(ConfigError, match=rf"^student.lora.target_modules\[1\]: '{bad}' is not a block linear"):
             pipeline.build_distiller(cfg, teacher_net, meta)
+        with pytest.raises(ConfigError, match=rf"^student.lora.target_modules\[1\]: '{bad}'"):
+            check_teacher_config(meta["config"], cfg, 1)  # the worker entrypoint's check, before Ray Train starts
     # the YAML config of `rcm distill`
     p = tmp_path / "lora.yaml"
     p.write_text("preset: diffusers-rcm\nstudent:\n  lora:\n    rank: 8\n    alpha: 8\n    target_modules: [to_q]\n")
