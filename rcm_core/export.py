@@ -127,10 +127,10 @@ def model_card(
     else:
         what = [
             f"A LoRA of the teacher below (`{teacher.get('uri')}`, a `{class_name}`), distilled by rCM",
-            "(score-regularized continuous-time consistency) for",
-            f"{rcm['default_steps']}-step sampling without classifier-free guidance: the teacher's weights plus the",
-            f"adapters in `{LORA_WEIGHTS}` (rank {lora['rank']}, alpha {lora['alpha']:g}, dropout"
-            f" {lora['dropout']:g}, on {', '.join(lora['target_modules'])}). It needs the teacher's weights.",
+            f"(score-regularized continuous-time consistency) for {rcm['default_steps']}-step sampling without",
+            f"classifier-free guidance: the teacher's weights plus the adapters in `{LORA_WEIGHTS}` (rank",
+            f"{lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, on",
+            f"{', '.join(lora['target_modules'])}). It needs the teacher's weights.",
         ]
         load = [
             f'transformer = {class_name}.from_pretrained("<the teacher\'s transformer folder>")',
@@ -164,7 +164,7 @@ def model_card(
         "",
         "Each step predicts x0 and re-noises to the next sigma with fresh noise (diffusers' FlowMatchLCMScheduler",
         "with these sigmas and shift 1). With this project: `rcm sample --student <this folder> --prompt-embeds",
-        "embeds.safetensors --steps N --out DIR`.",
+        "embeds.safetensors --steps N --out DIR`" + (" --teacher <the teacher's transformer folder>." if lora else "."),
         "",
         "```python",
         f"from diffusers import {class_name}",

@@ -166,6 +166,7 @@ def test_lora_export_is_small_and_reloads_in_diffusers_to_the_students_outputs(r
     assert weights.stat().st_size < full_bytes / 2
     card = (out / "README.md").read_text()
     assert "LoRA of the teacher" in card and "s3://b/t/" in card and "load_lora_adapter" in card
+    assert "rank\n4, alpha 8," in card and "--teacher <the teacher" in card
     # export.dtype bfloat16: the adapters stored in bf16, half the tensor bytes
     half = tmp / "bf16-export"
     half.mkdir()
