@@ -100,6 +100,7 @@ class Distiller(Stateful):
         self.task = task
         param = parameterization
         teacher = teacher_net if copy_net is None else copy_net(teacher_net)
+        in_place = copy_net is None  # one process, networks as built (no sharding)
         copy_net = copy_net or copy.deepcopy
         self.teacher = FlowModel(teacher, param).eval().requires_grad_(False)
         # The unsharded network the student is a copy of: the teacher's, or (LoRA) a tree sharing the teacher's
@@ -115,14 +116,19 @@ class Distiller(Stateful):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.train.seed)
                 self.student_template = with_adapters(teacher_net, self.lora)
-        self.student = FlowModel(copy_net(self.student_template), param).train()
+        # One process with LoRA: the student is the template itself and its EMA a copy of its adapters alone, so
+        # both share the teacher's frozen base tensors (two copies of the model fewer); sharded, copy_net copies.
+        copy_student = share_frozen if in_place and self.lora is not None else copy_net
+        self.student = FlowModel(
+            self.student_template if in_place and self.lora is not None else copy_net(self.student_template), param
+        ).train()
         if self.lora is None:
             self.student.requires_grad_(True)
         else:  # copy_net keeps requires_grad; say it again for a copy that would not
             for name, p in self.student.named_parameters():
                 p.requires_grad_(".lora_A." in name or ".lora_B." in name)
         # The EMA starts as a copy of the student, made by copy_net: a sharded module cannot be deep-copied.
-        average = FlowModel(copy_net(self.student_template), param)
+        average = FlowModel(copy_student(self.student_template), param)
         self.ema = PowerFunctionEMA(self.student, config.optim.ema_sigma_rel, average=average)
         o = config.optim
         betas = (o.beta1, o.beta2)
@@ -287,3 +293,11 @@ class Distiller(Stateful):
 def _batch_size(cond) -> int:
     """Rows in a condition: a tensor, or a dict of tensors (e.g. {"tokens": (B, Lc, Dc)})."""
     return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)
+
+
+def share_frozen(net: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `net` whose frozen parameters (requires_grad False) and buffers are `net`'s own tensors:
+    only the trainable ones (a LoRA student's adapters) are copied."""
+    memo: dict[int, Any] = {id(b): b for b in net.buffers()}
+    memo |= {id(p): p for p in net.parameters() if not p.requires_grad}
+    return copy.deepcopy(net, memo)

@@ -88,6 +88,15 @@ def test_lora_student_trains_the_adapters_alone(run):
         assert all(state[k].abs().max() > 0 for k in adapters if ".lora_B." in k)  # B started at zero
     trained = [n for n, p in d.student.named_parameters() if p.requires_grad]
     assert trained and all(is_adapter(n) for n in trained)
+    # in one process the student and its EMA hold the teacher's own base tensors (no copies); the teacher's
+    # modules carry no adapters
+    base = {n: p for n, p in d.teacher.net.named_parameters()}
+    for model in (d.student.net, d.ema.model.net):
+        for n, p in model.named_parameters():
+            assert (p is base[_base_name(n)]) if not is_adapter(n) else not any(p is q for q in base.values()), n
+    assert not any(is_adapter(n) for n in base)
+    ema_adapters = {n: p for n, p in d.ema.model.net.named_parameters() if is_adapter(n)}
+    assert all(p is not dict(d.student.net.named_parameters())[n] for n, p in ema_adapters.items())
     params = {id(p): n for n, p in d.student.named_parameters()}
     assert sorted(params[id(p)] for p in d.opt.state) == sorted(trained)  # optimizer state: adapters only
     # the fake score stays a full network and trains in full
