@@ -164,8 +164,10 @@ def cmd_sample(args) -> int:
 
     if args.student:
         return _sample_diffusers_student(args)
-    if args.prompt_embeds or args.vae or args.latent_shape:
-        raise ConfigError("--prompt-embeds, --vae and --latent-shape go with --student (a diffusers student export)")
+    if args.prompt_embeds or args.vae or args.latent_shape or args.teacher:
+        raise ConfigError(
+            "--prompt-embeds, --vae, --latent-shape and --teacher go with --student (a diffusers student export)"
+        )
     args.seed = 0 if args.seed is None else args.seed
     distiller, cfg, _ = _load_checkpoint_arg(args.checkpoint)
     model = distiller.ema.model if args.ema else distiller.student
@@ -256,14 +258,26 @@ def _sample_diffusers_student(args) -> int:
                 export.check_complete(root)
         record = export.read_sampler_record(root) or {}
         embeds = export.load_prompt_embeds(Path(args.prompt_embeds))
-        folder = export.transformer_dir(root)
+        lora = (root / export.LORA_WEIGHTS).is_file() and not (root / export.TRANSFORMER_DIR).is_dir()
+        if lora and not args.teacher:
+            raise ConfigError(
+                f"--teacher: the student is a LoRA ({export.LORA_WEIGHTS}): give the teacher's transformer folder"
+            )
+        if args.teacher and not lora:
+            raise ConfigError(f"--teacher: only for a LoRA export ({export.LORA_WEIGHTS}), not {student}")
+        folder = Path(args.teacher) if lora else export.transformer_dir(root)
         config = read_config(folder)
         width = text_dim(config)
         if embeds["tokens"].shape[-1] != width:
             raise ConfigError(
                 f"--prompt-embeds: tokens are {embeds['tokens'].shape[-1]} wide, the student takes {width}"
             )
-        net, family, _ = load_diffusers_net(folder, dtype=torch.float32)
+        if lora:
+            from rcm_core.teachers.lora import load_lora_student
+
+            net, family = load_lora_student(folder, root)
+        else:
+            net, family, _ = load_diffusers_net(folder, dtype=torch.float32)
         model = FlowModel(net, "rf").eval()
     schedule = record.get("schedules", {}).get(str(args.steps))
     times = (
@@ -527,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample from a checkpoint, or from a diffusers student export (--student)",
         description="--checkpoint: a run's checkpoint (2-D or shapes). --student: a diffusers student export "
         "(a job's s3://.../jobs/ID/export/ or a local copy; a bare transformer folder too) with "
-        "--prompt-embeds; writes OUT/latents.safetensors and, with --vae, PNG frames and a GIF per sample.",
+        "--prompt-embeds (a LoRA export also with --teacher, the transformer folder it adapts); writes "
+        "OUT/latents.safetensors and, with --vae, PNG frames and a GIF per sample.",
     )
     source = s.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint dir (step-N) or run dir (latest)")
@@ -537,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="--student: .safetensors with tokens (B, L, D), optional mask (B, L) and noise (B, C, F, H, W)",
     )
     s.add_argument("--vae", help="--student: a diffusers VAE folder (AutoencoderKLWan) to decode the latents")
+    s.add_argument(
+        "--teacher",
+        help="--student of a LoRA job (pytorch_lora_weights.safetensors): the teacher's transformer folder it adapts",
+    )
     s.add_argument(
         "--latent-shape",
         type=lambda v: [_positive_int(x) for x in v.split(",")],

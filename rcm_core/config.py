@@ -98,6 +98,36 @@ class TeacherConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """A LoRA student (rcm_core.teachers.lora): the teacher's weights frozen, rank-`rank` adapters on the named
+    linears of every transformer block; only the adapters train, checkpoint and export."""
+
+    rank: int  # r of the low-rank update B A (A: r x in, B: out x r)
+    alpha: float  # the update is scaled by alpha / rank (peft's lora_alpha)
+    target_modules: list[str]  # block linears by diffusers name: to_q, to_k, to_v, to_out.0, ... (Family)
+    dropout: float = 0.0  # dropout on the adapters' input (peft's lora_dropout)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= LORA_MAX_RANK:
+            raise ValueError(f"rank must be in [1, {LORA_MAX_RANK}], got {self.rank}")
+        if not 0 < self.alpha <= 4 * LORA_MAX_RANK:
+            raise ValueError(f"alpha must be in (0, {4 * LORA_MAX_RANK}], got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of distinct names, got {self.target_modules}")
+
+
+LORA_MAX_RANK = 1024  # larger than any block width of a supported family would make sense for
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    init: Literal["teacher"] = "teacher"  # the student starts as a copy of the teacher
+    lora: LoraConfig | None = None  # None: every weight of the student trains; else only LoRA adapters
+
+
+@dataclass(kw_only=True)
 class LossConfig:
     scm_weight: float = 1.0  # weight of L_sCM (0 = DMD-only)
     dmd_weight: float = 0.01  # lambda, weight of L_DMD (0 = sCM-only); the paper's default is 0.01
@@ -207,6 +237,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: MLPConfig = field(default_factory=MLPConfig)  # 2-D only; a shapes student copies its teacher's network
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -216,6 +247,10 @@ class DistillConfig:
         datasets = TASK_DATASETS[self.task]
         if self.data.dataset not in datasets:
             raise ValueError(f"task {self.task!r} does not match data.dataset {self.data.dataset!r}")
+        if self.student.lora is not None and self.task != "diffusers":
+            raise ValueError(
+                f"student.lora: LoRA students need a diffusers teacher (task diffusers), not {self.task!r}"
+            )
 
 
 TASK_DATASETS = {"toy2d": ("ring8", "grid25"), "shapes": ("shapes",), "diffusers": ("teacher-synthetic", "latents")}

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -99,15 +100,40 @@ class Distiller(Stateful):
         self.task = task
         param = parameterization
         teacher = teacher_net if copy_net is None else copy_net(teacher_net)
+        in_place = copy_net is None  # one process, networks as built (no sharding)
         copy_net = copy_net or copy.deepcopy
         self.teacher = FlowModel(teacher, param).eval().requires_grad_(False)
-        self.student = FlowModel(copy_net(teacher_net), param).train().requires_grad_(True)
+        # The unsharded network the student is a copy of: the teacher's, or (LoRA) a tree sharing the teacher's
+        # weights with adapters added and only those trainable (rcm_core.teachers.lora); full copies of sharded students
+        # (evaluation, export) are built from it.
+        self.student_template = teacher_net
+        self.lora = config.student.lora
+        if self.lora is not None:
+            from rcm_core.teachers.lora import with_adapters
+
+            # A's random init from the training seed alone: the same on every rank (each takes its shard of this
+            # full copy) and in a resumed run, whatever the global RNG has drawn before
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.train.seed)
+                self.student_template = with_adapters(teacher_net, self.lora)
+        # One process with LoRA: the student is the template itself and its EMA a copy of its adapters alone, so
+        # both share the teacher's frozen base tensors (two copies of the model fewer); sharded, copy_net copies.
+        copy_student = share_frozen if in_place and self.lora is not None else copy_net
+        self.student = FlowModel(
+            self.student_template if in_place and self.lora is not None else copy_net(self.student_template), param
+        ).train()
+        if self.lora is None:
+            self.student.requires_grad_(True)
+        else:  # copy_net keeps requires_grad; say it again for a copy that would not
+            for name, p in self.student.named_parameters():
+                p.requires_grad_(".lora_A." in name or ".lora_B." in name)
         # The EMA starts as a copy of the student, made by copy_net: a sharded module cannot be deep-copied.
-        average = FlowModel(copy_net(teacher_net), param)
+        average = FlowModel(copy_student(self.student_template), param)
         self.ema = PowerFunctionEMA(self.student, config.optim.ema_sigma_rel, average=average)
         o = config.optim
         betas = (o.beta1, o.beta2)
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+        trained = [p for p in self.student.parameters() if p.requires_grad]  # LoRA: the adapters alone
+        self.opt = torch.optim.AdamW(trained, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
         self.fake: FlowModel | None = None
         self.fake_opt: torch.optim.Optimizer | None = None
         if config.loss.dmd_weight > 0:
@@ -180,7 +206,8 @@ class Distiller(Stateful):
         total.backward()
         self._set_lr()
         if cfg.optim.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+            trained = [p for p in self.student.parameters() if p.requires_grad]
+            gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip)
             # a sharded student's norm is a DTensor: make it a plain tensor on every rank now, so that reading it
             # later on rank 0 alone can never start a collective the other ranks do not join
             metrics["grad_norm"] = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm
@@ -220,7 +247,7 @@ class Distiller(Stateful):
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "student": get_model_state_dict(self.student),
+            "student": self._student_state(),
             "ema": self.ema.state_dict(),
             # get_optimizer_state_dict initialises empty optimizer state on load, so DCP can fill it in place
             "opt": get_optimizer_state_dict(self.student, self.opt),
@@ -236,8 +263,20 @@ class Distiller(Stateful):
             state["data_position"] = self.task.position_state()
         return state
 
+    def _student_state(self) -> dict[str, Any]:
+        """The student's weights for a checkpoint: all of them, or (LoRA) the adapters alone (the frozen base
+        weights are the teacher's, loaded again at every start)."""
+        state = get_model_state_dict(self.student)
+        return state if self.lora is None else {k: v for k, v in state.items() if k in self._trained_names()}
+
+    def _trained_names(self) -> set[str]:
+        return {n for n, p in self.student.named_parameters() if p.requires_grad}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.student, state["student"])
+        strict = StateDictOptions(strict=self.lora is None)  # LoRA: adapters only, checked by the keys below
+        if self.lora is not None and set(state["student"]) != self._trained_names():
+            raise ValueError("the checkpoint's student is not this job's LoRA student (other adapters)")
+        set_model_state_dict(self.student, state["student"], options=strict)
         self.ema.load_state_dict(state["ema"])
         set_optimizer_state_dict(self.student, self.opt, state["opt"])
         self.step = int(state["step"])
@@ -254,3 +293,11 @@ class Distiller(Stateful):
 def _batch_size(cond) -> int:
     """Rows in a condition: a tensor, or a dict of tensors (e.g. {"tokens": (B, Lc, Dc)})."""
     return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)
+
+
+def share_frozen(net: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `net` whose frozen parameters (requires_grad False) and buffers are `net`'s own tensors:
+    only the trainable ones (a LoRA student's adapters) are copied."""
+    memo: dict[int, Any] = {id(b): b for b in net.buffers()}
+    memo |= {id(p): p for p in net.parameters() if not p.requires_grad}
+    return copy.deepcopy(net, memo)

@@ -33,10 +33,13 @@ class PowerFunctionEMA:
 
     def __init__(self, model: nn.Module, sigma_rel: float, *, average: nn.Module | None = None):
         """`average` holds the averaged weights (default: a deep copy of `model`); pass an equal copy when the
-        model cannot be deep-copied (a sharded FSDP module)."""
+        model cannot be deep-copied (a sharded FSDP module). Only the parameters `model` trains (requires_grad)
+        are averaged and saved: a frozen one (the base weights of a LoRA student) stays as `average` holds it."""
         self.gamma = sigma_rel_to_gamma(sigma_rel)
         self.model = (average if average is not None else copy.deepcopy(model)).requires_grad_(False).eval()
         self.num_updates = 0
+        self.trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.all_trained = len(self.trained) == len(list(model.parameters()))
 
     def beta(self) -> float:
         n = self.num_updates
@@ -49,14 +52,25 @@ class PowerFunctionEMA:
         averaged, current = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         if len(averaged) != len(current):
             raise ValueError(f"EMA holds {len(averaged)} parameters, the model has {len(current)}")
+        if not self.all_trained:
+            mine, theirs = dict(self.model.named_parameters()), dict(model.named_parameters())
+            averaged, current = [mine[n] for n in self.trained], [theirs[n].detach() for n in self.trained]
         torch._foreach_lerp_(averaged, current, 1.0 - beta)  # one fused launch per dtype/device group
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "gamma": self.gamma}
+        weights = self.model.state_dict()
+        if not self.all_trained:  # the averaged parameters only; the frozen ones are rebuilt, not restored
+            weights = {n: weights[n] for n in self.trained}
+        return {"model": weights, "num_updates": self.num_updates, "gamma": self.gamma}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if self.all_trained:
+            self.model.load_state_dict(state["model"])
+        else:
+            result = self.model.load_state_dict(state["model"], strict=False)
+            if result.unexpected_keys or set(self.trained) - set(state["model"]):
+                raise ValueError(f"EMA state does not hold the averaged parameters {self.trained[:3]}...")
         self.num_updates = int(state["num_updates"])
         self.gamma = float(state["gamma"])

@@ -4,6 +4,9 @@ Layout (written by rcm_core.tasks.diffusers.Diffusers.write_student, uploaded by
 
     transformer/                    save_pretrained of the teacher's class (WanTransformer3DModel, ...): config.json,
                                     diffusion_pytorch_model[-0000i-of-0000n].safetensors (+ .index.json if sharded)
+    pytorch_lora_weights.safetensors  instead of transformer/ for a LoRA student (student.lora; rcm_core.teachers.lora):
+                                    its adapters as diffusers' LoRA loaders read them (load_lora_adapter /
+                                    load_lora_weights over the teacher)
     scheduler/scheduler_config.json the rCM sampler record (`sampler_record`), loadable as diffusers'
                                     FlowMatchLCMScheduler with the recorded sigmas
     README.md                       model card: teacher identity (URI, config.json SHA-256), dataset, job id,
@@ -39,6 +42,7 @@ from rcm_core.sampling import DEFAULT_MID_TIMES, sample_consistency, student_tim
 EXPORT_FORMAT = "rcm-diffusers-export-v1"
 MANIFEST = "manifest.json"
 TRANSFORMER_DIR = "transformer"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: a LoRA export's adapters
 SAMPLER_CONFIG = "scheduler/scheduler_config.json"
 EVAL_SAMPLES = "samples.safetensors"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # diffusers' own default shard size; a 1.3B bf16 student is one shard of 2.8 GB
@@ -109,18 +113,38 @@ def model_card(
     metrics: dict[str, float],
     record: dict[str, Any],
     spec: dict[str, Any],
+    lora: dict[str, Any] | None = None,
 ) -> str:
-    """README.md of an export: what the student is, where it came from, how well it did, how to load and sample it."""
+    """README.md of an export: what the student is, where it came from, how well it did, how to load and sample it.
+    `lora`: a LoRA student's rank, alpha, targets and dropout (the export then holds the adapters alone)."""
     rcm = record["rcm"]
+    if lora is None:
+        what = [
+            f"A `{class_name}` distilled by rCM (score-regularized continuous-time consistency) from the teacher",
+            f"below, for {rcm['default_steps']}-step sampling without classifier-free guidance.",
+        ]
+        load = [f'transformer = {class_name}.from_pretrained("<this folder>", subfolder="transformer")']
+    else:
+        what = [
+            f"A LoRA of the teacher below (`{teacher.get('uri')}`, a `{class_name}`), distilled by rCM",
+            f"(score-regularized continuous-time consistency) for {rcm['default_steps']}-step sampling without",
+            f"classifier-free guidance: the teacher's weights plus the adapters in `{LORA_WEIGHTS}` (rank",
+            f"{lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, on",
+            f"{', '.join(lora['target_modules'])}). It needs the teacher's weights.",
+        ]
+        load = [
+            f'transformer = {class_name}.from_pretrained("<the teacher\'s transformer folder>")',
+            f'transformer.load_lora_adapter("<this folder>", prefix="transformer", weight_name="{LORA_WEIGHTS}")',
+            '# or, in a pipeline of the teacher: pipe.load_lora_weights("<this folder>")',
+        ]
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [rcm, consistency-distillation, few-step]",
+        f"tags: [rcm, consistency-distillation, few-step{', lora' if lora else ''}]",
         "---",
-        f"# Few-step rCM student of {family} (job {job_id})",
+        f"# Few-step rCM {'LoRA' if lora else 'student'} of {family} (job {job_id})",
         "",
-        f"A `{class_name}` distilled by rCM (score-regularized continuous-time consistency) from the teacher below,",
-        f"for {rcm['default_steps']}-step sampling without classifier-free guidance.",
+        *what,
         "",
         "## Lineage",
         f"- job: `{job_id}`",
@@ -140,11 +164,11 @@ def model_card(
         "",
         "Each step predicts x0 and re-noises to the next sigma with fresh noise (diffusers' FlowMatchLCMScheduler",
         "with these sigmas and shift 1). With this project: `rcm sample --student <this folder> --prompt-embeds",
-        "embeds.safetensors --steps N --out DIR`.",
+        "embeds.safetensors --steps N --out DIR`" + (" --teacher <the teacher's transformer folder>." if lora else "."),
         "",
         "```python",
         f"from diffusers import {class_name}",
-        f'transformer = {class_name}.from_pretrained("<this folder>", subfolder="transformer")',
+        *load,
         "```",
         "",
         "## Job spec",

@@ -89,6 +89,11 @@ def build_distiller(
     """
     if meta.get("task", "toy2d") != cfg.task:
         raise ConfigError(f"teacher.path: a {meta.get('task')!r} teacher cannot be distilled on task {cfg.task!r}")
+    if cfg.student.lora is not None:  # the targets must be block linears of the teacher's family
+        from rcm_core.teachers import FAMILIES
+        from rcm_core.teachers.lora import check_targets
+
+        check_targets(cfg.student.lora, FAMILIES[meta["family"]])
     data = get_task(cfg.task).build_data(cfg, meta, device, access)
     param = meta["parameterization"]
     amp = device is not None and torch.device(device).type == "cuda"

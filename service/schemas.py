@@ -87,8 +87,40 @@ class TeacherSpec(_Strict):
         return self
 
 
+LORA_MAX_RANK = 1024  # rcm_core.config.LORA_MAX_RANK
+
+
+class LoraSpec(_Strict):
+    """A LoRA student: the teacher's weights frozen, adapters on the named block linears; only the adapters train
+    and are exported (diffusers' pytorch_lora_weights.safetensors, for load_lora_weights / load_lora_adapter)."""
+
+    rank: int = Field(ge=1, le=LORA_MAX_RANK, description="r of the low-rank update B A")
+    alpha: float = Field(gt=0, le=4 * LORA_MAX_RANK, description="the update is scaled by alpha / rank")
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] = Field(
+        min_length=1,
+        max_length=16,
+        description="block linears by their diffusers names (peft matches a name as the end of a module path): "
+        "to_q, to_k, to_v, to_out.0 (both attentions), attn1.to_q ... attn2.to_out.0 (one), and the feed-forward's "
+        "ffn.net.0.proj, ffn.net.2 (Wan2.1) or ff.net.0.proj, ff.net.2 (Cosmos-Predict2); checked against the "
+        "teacher's family at submission",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names must be distinct")
+        return v
+
+
 class StudentSpec(_Strict):
     init: Literal["teacher"] = "teacher"  # the student starts as a copy of the teacher
+    lora: LoraSpec | None = Field(
+        None,
+        description="train a LoRA of the teacher instead of every weight (diffusers teachers); the fake score "
+        "stays a full network",
+    )
 
 
 TOY2D_DATASETS = ("ring8", "grid25")  # 2-D mixtures, MLP teacher, CPU only
@@ -369,6 +401,11 @@ class JobCreate(_Strict):
             raise ValueError(
                 "a diffusers teacher (teacher.uri s3://bucket/prefix/ ending in /, its transformer folder) goes with "
                 "data.dataset 'teacher-synthetic' or 'latents' (data.uri), and those datasets with such a teacher"
+            )
+        if self.student.lora is not None and self.data.dataset not in DIFFUSERS_DATASETS:
+            raise ValueError(
+                "student.lora: LoRA students need a diffusers teacher (teacher.uri s3://bucket/prefix/, data.dataset "
+                f"'teacher-synthetic' or 'latents'), not data.dataset {self.data.dataset!r}"
             )
         if self.schedule.batch_size is not None and self.schedule.batch_size % r.fsdp_degree:
             raise ValueError(

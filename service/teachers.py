@@ -7,7 +7,8 @@ with a 422 naming the field what the workers would refuse only minutes later:
 - body.teacher.family: the family the spec names loads another class than config.json's;
 - body.data.latent_shape: C is not in_channels, or (F, H, W) not divisible by patch_size (data.dataset latents:
   the dataset's manifest gives the shape, checked by service/datasets.py);
-- body.resources.cp_degree: Ulysses needs num_attention_heads and the latent's tokens divisible by cp_degree.
+- body.resources.cp_degree: Ulysses needs num_attention_heads and the latent's tokens divisible by cp_degree;
+- body.student.lora.target_modules.<i>: a LoRA target that is no block linear of the teacher's family.
 Messages never quote the file (a tenant's own file, but an error body is no way to read files back).
 
 The API image has no torch or diffusers, so `FAMILY_CLASSES` mirrors rcm_core.teachers.FAMILIES (the class each
@@ -24,6 +25,13 @@ from typing import Any
 from service.schemas import JobCreate
 
 FAMILY_CLASSES = {"wan2.1": "WanTransformer3DModel", "cosmos-predict2": "CosmosTransformer3DModel"}
+# the block linears a LoRA student may adapt, per family (rcm_core.teachers.FAMILIES' lora_targets; the test above
+# checks they agree): both attentions' projections or one attention's, and the feed-forward's two linears
+_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_TARGETS = {
+    family: (*_ATTENTION, *(f"attn{i}.{n}" for i in (1, 2) for n in _ATTENTION), f"{ffn}.net.0.proj", f"{ffn}.net.2")
+    for family, ffn in (("wan2.1", "ffn"), ("cosmos-predict2", "ff"))
+}
 CONFIG_NAME = "config.json"
 # the weights from_pretrained reads: one file, or shards named by an index (the worker checks the shards)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
@@ -48,7 +56,7 @@ def folder_key(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _error(loc: tuple[str, ...], msg: str, value: Any) -> dict[str, Any]:
+def _error(loc: tuple[str | int, ...], msg: str, value: Any) -> dict[str, Any]:
     return {"type": "value_error", "loc": loc, "msg": f"Value error, {msg}", "input": value}
 
 
@@ -80,6 +88,13 @@ def teacher_errors(spec: JobCreate, raw: bytes | None, files: set[str]) -> Error
     for fam, key, what in UNSUPPORTED_VARIANTS:
         if fam == family and config.get(key) is not None:
             errors.append(_error(loc_uri, f"{what}: not supported (README: bring your own Wan / Cosmos teacher)", uri))
+    if spec.student.lora is not None:
+        targets = spec.student.lora.target_modules
+        for i, name in enumerate(targets):
+            if name not in LORA_TARGETS[family]:
+                msg = f"{name!r} is not a block linear of the teacher ({family}); one of "
+                msg += ", ".join(LORA_TARGETS[family])
+                errors.append(_error(("body", "student", "lora", "target_modules", i), msg, name))
     if family == "cosmos-predict2" and config.get("in_channels") != config.get("out_channels"):
         what = "a Cosmos Video2World transformer (in_channels != out_channels: a condition-mask channel)"
         errors.append(_error(loc_uri, f"{what}: not supported, text-to-image/video only", uri))

@@ -23,6 +23,7 @@ from rcm_core.config import (
     EvalConfig,
     LossConfig,
     OptimConfig,
+    StudentConfig,
     TeacherConfig,
     TrainConfig,
     config_from_dict,
@@ -33,6 +34,7 @@ from rcm_core.tasks import task_for_dataset
 # spec section -> DistillConfig sections whose fields it carries
 SECTIONS: dict[str, dict[str, type]] = {
     "teacher": {"teacher": TeacherConfig},
+    "student": {"student": StudentConfig},  # student.lora: a LoRA student (rcm_core.teachers.lora)
     "data": {"data": DataConfig},
     "method": {"loss": LossConfig, "optim": OptimConfig},
     "schedule": {"train": TrainConfig},
@@ -46,7 +48,7 @@ WORKER_FIELDS = {
     "export": {"registered_model_name", "max_shard_size", "dtype"},  # workers/train_loop.py's export
 }
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # diffusers' save_pretrained default
-JOB_SECTIONS = {"name", "student", "tracking"}  # the service's own (naming, tracking); nothing to train by
+JOB_SECTIONS = {"name", "tracking"}  # the service's own (naming, tracking); nothing to train by
 # dataclass fields that are local paths of this worker, never part of what a user sets or sees
 LOCAL_FIELDS = {"teacher": {"path"}, "data": {"prompt_file", "pool_size"}, "train": {"output_dir"}}
 

@@ -137,8 +137,9 @@ def _system_metrics() -> dict[str, float]:
 
 
 def _ema_student(distiller: Distiller, teacher_net: nn.Module) -> FlowModel | None:
-    """The EMA student, unsharded, on rank 0 (None elsewhere); all ranks must call it."""
-    net = distributed.full_copy(distiller.ema.model.net, teacher_net)
+    """The EMA student, unsharded, on rank 0 (None elsewhere); all ranks must call it. A LoRA student's copy is
+    built from its template (the teacher's weights + adapters), not from the teacher."""
+    net = distributed.full_copy(distiller.ema.model.net, distiller.student_template)
     return None if net is None else FlowModel(net, distiller.student.parameterization).eval()
 
 
@@ -200,6 +201,8 @@ def _export(distiller: Distiller, teacher_net: nn.Module, meta: dict, job: JobCo
             "rcm.dataset": json.dumps(info["dataset"], sort_keys=True),
             "rcm.step": str(distiller.step),
         }
+        if info.get("lora"):  # the version is a LoRA of rcm.teacher, not a full transformer
+            tags["rcm.lora"] = json.dumps(info["lora"], sort_keys=True)
         log.register_model(job.registered_model_name, prefix, tags)
 
 

@@ -127,6 +127,8 @@ def student_info(cfg: DistillConfig, parameterization: str, meta: dict) -> dict[
         "model": task.network_config(cfg, meta),  # what rebuilds the student's network
         "data": dict(cfg.data.__dict__),
         "guidance_scale": cfg.teacher.guidance_scale,
+        # a LoRA student (rcm_core.teachers.lora): its rank, alpha, targets; the export holds the adapters alone
+        "lora": None if cfg.student.lora is None else dict(cfg.student.lora.__dict__),
         "eval": {
             "student_mid_times": list(cfg.eval.student_mid_times),
             "student_steps": list(cfg.eval.student_steps),

@@ -20,8 +20,9 @@ is compared with the teacher's reference sample (max(eval.teacher_steps) Euler s
 The evaluation also writes its inputs and outputs beside the grid (samples.safetensors: tokens, mask, noise and
 student_<N>step latents), so an exported student can be checked to reproduce them.
 Export (rcm_core.export documents the layout): the student `save_pretrained` by the family's diffusers class
-(sharded with an index above export.max_shard_size), the rCM sampler record as scheduler/scheduler_config.json, a
-model card README.md and rcm.json.
+(sharded with an index above export.max_shard_size), or for a LoRA student (student.lora, rcm_core.teachers.lora) its
+adapters alone as diffusers' pytorch_lora_weights.safetensors; the rCM sampler record as
+scheduler/scheduler_config.json, a model card README.md and rcm.json.
 """
 
 from __future__ import annotations
@@ -121,12 +122,22 @@ class Diffusers(Task):
         from rcm_core.teachers import FAMILIES, diffusers_module
 
         family = FAMILIES[meta["family"]]
-        if info.get("dtype", "float32") == "bfloat16":
-            state = _bf16_except_fp32_modules(state, family)
-        module = diffusers_module(meta["config"], state, family)
-        module.save_pretrained(
-            str(out / export.TRANSFORMER_DIR), max_shard_size=info.get("max_shard_size", export.DEFAULT_MAX_SHARD_SIZE)
-        )
+        if info.get("lora"):  # a LoRA student: its adapters alone, as diffusers' LoRA loaders read them
+            from rcm_core.config import LoraConfig
+            from rcm_core.teachers.lora import exported_adapters, write_lora
+
+            adapters = exported_adapters(state)
+            if info.get("dtype", "float32") == "bfloat16":
+                adapters = {k: v.to(torch.bfloat16) for k, v in adapters.items()}
+            write_lora(out, adapters, LoraConfig(**info["lora"]), family)
+        else:
+            if info.get("dtype", "float32") == "bfloat16":
+                state = _bf16_except_fp32_modules(state, family)
+            module = diffusers_module(meta["config"], state, family)
+            module.save_pretrained(
+                str(out / export.TRANSFORMER_DIR),
+                max_shard_size=info.get("max_shard_size", export.DEFAULT_MAX_SHARD_SIZE),
+            )
         ev = info["eval"]
         record = export.sampler_record(
             mid_times=ev["student_mid_times"],
@@ -146,6 +157,7 @@ class Diffusers(Task):
             metrics=info.get("metrics", {}),
             record=record,
             spec=info.get("spec", {}),
+            lora=info.get("lora"),
         )
         (out / "README.md").write_text(card)
         (out / "rcm.json").write_text(json.dumps({**info, "family": family.name}, indent=2, default=str) + "\n")
@@ -161,17 +173,23 @@ class Diffusers(Task):
 
 def check_teacher_config(config: dict, cfg: DistillConfig, cp_degree: int):
     """The teacher's Family, after checking its config.json against the job before any weight is read: a
-    supported `_class_name` and variant, teacher.family agreeing, data.latent_shape fitting in_channels and
-    patch_size, and Ulysses' rules for cp_degree (heads, and the latent's tokens). The service's submission
+    supported `_class_name` and variant, teacher.family agreeing, student.lora's targets being the family's block
+    linears, data.latent_shape fitting in_channels and patch_size, and Ulysses' rules for cp_degree (heads, and
+    the latent's tokens). The service's submission
     check (service/teachers.py) applies the same rules.
 
     Raises:
-        ConfigError: naming the spec field (teacher.family, data.latent_shape, resources.cp_degree).
+        ConfigError: naming the spec field (teacher.family, student.lora.target_modules, data.latent_shape,
+            resources.cp_degree).
     """
     from rcm_core.models.token_net import check_ulysses
     from rcm_core.teachers import detect_family
 
     family = detect_family(config, cfg.teacher.family)
+    if cfg.student.lora is not None:  # block linears of this family only (rcm_core.teachers.lora)
+        from rcm_core.teachers.lora import check_targets
+
+        check_targets(cfg.student.lora, family)
     shape = cfg.data.latent_shape
     channels = config.get("in_channels")
     if channels is not None and shape[0] != channels:

@@ -42,6 +42,9 @@ class Family:
         guidance_to_project: the pipeline's guidance_scale -> g of `u + g (c - u)` (Wan: identity; Cosmos's
             `c + w (c - u)`: 1 + w).
         default_guidance: the pipeline's default guidance_scale (its own form).
+        lora_targets: the linears a LoRA student may adapt (rcm_core.teachers.lora), as peft names them (a suffix of the
+            module path): those of the transformer blocks, not the time path. service/teachers.py lists the same.
+        lora_loader: diffusers' LoRA loader mixin whose save_lora_weights writes the family's LoRA files.
     """
 
     name: str
@@ -50,6 +53,8 @@ class Family:
     check_config: Callable[[dict], None]
     guidance_to_project: Callable[[float], float]
     default_guidance: float
+    lora_targets: tuple[str, ...] = ()
+    lora_loader: str | None = None
 
     def diffusers_class(self) -> type:
         import diffusers

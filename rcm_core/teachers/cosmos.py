@@ -46,6 +46,7 @@ from rcm_core.models.attention import attention
 from rcm_core.models.linear import Linear, linear
 from rcm_core.models.token_net import TokenNet, check_ulysses
 from rcm_core.teachers import Family, register_family
+from rcm_core.teachers.lora import lora_targets
 
 BASE_FPS = 24  # CosmosRotaryPosEmbed's base_fps
 DEFAULT_FPS = 16.0  # Cosmos2VideoToWorldPipeline's default
@@ -368,6 +369,8 @@ FAMILY = register_family(
         check_config=check_cosmos_config,
         guidance_to_project=lambda w: 1 + w,  # D_c + w (D_c - D_u) = u + (1 + w)(c - u)
         default_guidance=7.0,
+        lora_targets=lora_targets("ff"),
+        lora_loader="CosmosLoraLoaderMixin",  # writes transformer.<module>.lora_A/B.weight + peft config
     )
 )
 

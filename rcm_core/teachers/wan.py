@@ -41,6 +41,7 @@ from rcm_core.models.attention import attention
 from rcm_core.models.linear import Linear, linear
 from rcm_core.models.token_net import TokenNet, check_ulysses
 from rcm_core.teachers import Family, register_family
+from rcm_core.teachers.lora import lora_targets
 
 ROPE_THETA = 10000.0
 TIMESTEP_SCALE = 1000.0  # Wan's timestep is 1000 * sigma (WanPipeline feeds scheduler.timesteps)
@@ -345,6 +346,8 @@ WAN21: Family = register_family(
         check_config=check_wan_config,
         guidance_to_project=lambda w: float(w),  # WanPipeline: uncond + w (cond - uncond), the project's form
         default_guidance=5.0,  # WanPipeline's default guidance_scale
+        lora_targets=lora_targets("ffn"),
+        lora_loader="WanLoraLoaderMixin",  # writes transformer.<module>.lora_A/B.weight + peft config
     )
 )
 

@@ -11,7 +11,8 @@ FORBIDDEN = {
     "workers": {"service", "fastapi"},
     # the API image installs only service/'s imports: no torch, and no diffusers / accelerate (issue 17's teachers
     # are checked from their config.json alone, service/teachers.py)
-    "service": {"torch", "rcm_core", "workers", "triton", "rcm_client", "diffusers", "accelerate", "safetensors"},
+    "service": {"torch", "rcm_core", "workers", "triton", "rcm_client", "diffusers", "accelerate", "safetensors"}
+    | {"peft"},
     # the client installs without the method: a job command needs httpx and yaml only
     "rcm_client": {"service", "workers", "fastapi", "ray", "torch", "rcm_core"},
 }
@@ -54,6 +55,16 @@ def test_diffusers_only_in_teachers():
     assert not offenders
 
 
+def test_peft_only_in_teachers():
+    # peft (LoRA students, rcm_core/teachers/lora.py) is for diffusers teachers only: nowhere else in rcm_core
+    offenders = [
+        str(f.relative_to(ROOT))
+        for f in (ROOT / "rcm_core").rglob("*.py")
+        if "teachers" not in f.parts and "peft" in _imports(f)
+    ]
+    assert not offenders
+
+
 def test_transformers_only_in_teachers():
     # transformers (the pipelines' text encoders, rcm data prepare) costs seconds of import, like diffusers
     offenders = [
@@ -80,9 +91,12 @@ def test_importing_rcm_core_tasks_does_not_import_diffusers():
     import subprocess
     import sys
 
-    code = "import sys, rcm_core.tasks, rcm_core.teachers; print('diffusers' in sys.modules)"
+    code = (
+        "import sys, rcm_core.tasks, rcm_core.teachers, rcm_core.distill; "
+        "print(sorted(m for m in ('diffusers', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def _module_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:

@@ -12,7 +12,7 @@ from rcm_core.config import ConfigError, config_from_dict, diffusers_rcm
 from rcm_core.tasks.diffusers import check_teacher_config
 from rcm_core.teachers import FAMILIES
 from service.schemas import JobCreate, TeacherSpec
-from service.teachers import FAMILY_CLASSES, UNSUPPORTED_VARIANTS, teacher_errors
+from service.teachers import FAMILY_CLASSES, LORA_TARGETS, UNSUPPORTED_VARIANTS, teacher_errors
 from tests.service.test_teacher_submission import COSMOS, WAN
 
 
@@ -20,6 +20,10 @@ def test_service_family_table_is_rcm_cores_registry():
     assert {name: f.class_name for name, f in FAMILIES.items()} == FAMILY_CLASSES
     family_field = typing.get_args(TeacherSpec.model_fields["family"].annotation)[0]
     assert set(typing.get_args(family_field)) == set(FAMILY_CLASSES)  # the schema's Literal
+
+
+def test_service_lora_targets_are_rcm_cores():
+    assert {name: f.lora_targets for name, f in FAMILIES.items()} == LORA_TARGETS
 
 
 def _config(class_name: str, tmp_path, **kwargs) -> dict:

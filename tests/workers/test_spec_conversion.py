@@ -25,12 +25,24 @@ def test_example_spec_converts_and_round_trips(path):
     job = job_config(spec, output_dir="/tmp/x", teacher_path="/tmp/t.safetensors")
     effective = effective_spec(job)
     for section, fields in spec.items():  # every field the user set runs as set, under the same name
-        if section in ("name", "student", "tracking"):
+        if section in ("name", "tracking"):
             continue
         for key, value in fields.items():
-            assert effective[section][key] == value, (section, key)
+            if isinstance(value, dict):  # a nested section (student.lora): what was set, plus its defaults
+                assert value.items() <= effective[section][key].items(), (section, key)
+            else:
+                assert effective[section][key] == value, (section, key)
     again = job_config(effective, output_dir="/tmp/x", teacher_path="/tmp/t.safetensors")
     assert again == job  # and back: config -> spec -> config is the identity
+
+
+def test_lora_spec_converts_to_the_student_config():
+    spec = _stored(json.loads((EXAMPLES[0].parent / "rcm-wan-lora.json").read_text()))
+    lora = job_config(spec, output_dir="x", teacher_family="wan2.1").distill.student.lora
+    assert (lora.rank, lora.alpha, lora.dropout) == (64, 64.0, 0.0) and lora.target_modules[-1] == "ffn.net.2"
+    spec["student"]["lora"]["rank"] = 0  # past the schema (a stored spec is trusted), the worker still refuses it
+    with pytest.raises(ConfigError, match=r"^student.lora: rank must be in \[1, 1024\]"):
+        job_config(spec, output_dir="x")
 
 
 def test_examples_exist():
