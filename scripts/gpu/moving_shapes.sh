@@ -10,7 +10,15 @@
 #       moving_shapes.json, README.md: the folder to commit as rcm_core/assets/moving_shapes_teacher/),
 #       teacher.log, teacher_samples.png/.gif/.txt (8 prompts, frames left to right).
 #   bash scripts/gpu/moving_shapes.sh distill
-#       (see the distill section below)
+#       needs the teacher folder at TEACHER (default rcm_core/assets/moving_shapes_teacher, where the teacher
+#       phase's folder is committed). Writes COUNT (50,000) train clips as rcm-latents-v1 shards with the teacher's
+#       text encoder, then trains four students CONCURRENTLY on the one GPU, each for MINUTES (4.5) under its own
+#       timeout through `rcm distill` (the diffusers task, fused JVP kernel): rCM seed 0 and seed 1, sCM-only and
+#       DMD-only (configs/moving-shapes-{rcm,scm,dmd}-gpu.yaml, CFG = the teacher's default), each ending with
+#       the task's own evaluation; then `rcm bench moving-shapes` over the teacher and the four runs if this
+#       checkout has it. Run folders (checkpoints: large) stay in RUNS (/tmp/ms-runs); back in $OUT:
+#       distill.md (each run's last lines and evaluation), runs.tar.gz (logs, configs, evaluation reports and
+#       grids), bench.tar.gz and the bench's own *.md / *.json / *.png / *.gif (at most 4) when it ran.
 #
 # CPU dry run of the same parts and files with tiny settings: SMOKE=1 OUT=/tmp/ms bash scripts/gpu/moving_shapes.sh teacher
 set -u
@@ -60,3 +68,84 @@ if [ "$PHASE" = teacher ]; then
   ls -l "$T"
   exit 0
 fi
+
+# ------------------------------------------------------------------------------------------------ distill
+TEACHER=${TEACHER:-rcm_core/assets/moving_shapes_teacher}
+[ -f "$TEACHER/moving_shapes.json" ] \
+  || { echo "no moving-shapes teacher at $TEACHER (commit the teacher phase's folder there, or set TEACHER)" >&2; exit 2; }
+RUNS=${RUNS:-/tmp/ms-runs}
+DATA=$RUNS/data-train
+rm -rf "$RUNS"
+mkdir -p "$RUNS"
+# the shards must carry the teacher's own text encoder (same L, D and seed) and the student must use its CFG
+read -r W L D S <<< "$($PY -c "import json, sys; m = json.load(open(sys.argv[1])); e = m['text_encoder']
+print(m['default_sampler']['guidance_scale'], e['tokens'], e['dim'], e['seed'])" "$TEACHER/moving_shapes.json")"
+if [ "${SMOKE:-0}" = 1 ]; then
+  COUNT=${COUNT:-64}
+  MINUTES=${MINUTES:-0.02}
+  SMOKESETS="--set train.device=cpu --set train.batch_size=2 --set train.steps=2 --set train.log_every=1
+    --set eval.num_samples=10 --set eval.teacher_steps=[2]"
+else
+  COUNT=${COUNT:-50000}
+  MINUTES=${MINUTES:-4.5}
+  SMOKESETS=""
+fi
+echo "== distill: $COUNT train clips (text L=$L D=$D seed $S) -> $DATA"
+timeout 150 $PY -m rcm_core.cli data moving-shapes --out "$DATA" --count "$COUNT" --workers "${WORKERS:-14}" \
+  --text-tokens "$L" --text-dim "$D" --text-seed "$S" 2>&1 | tail -n 1
+[ -f "$DATA/manifest.json" ] || { echo "the dataset was not written" >&2; exit 1; }
+VARIANTS="rCM-s0|configs/moving-shapes-rcm-gpu.yaml|train.seed=0
+rCM-s1|configs/moving-shapes-rcm-gpu.yaml|train.seed=1
+sCM|configs/moving-shapes-scm-gpu.yaml|train.seed=0
+DMD|configs/moving-shapes-dmd-gpu.yaml|train.seed=0"
+LIMIT=$(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 + 150 }')  # training + start-up, checkpoint, evaluation
+echo "== distill: 4 students side by side, ${MINUTES} min of training each (timeout ${LIMIT}s), CFG $W"
+pids=()
+labels=()
+while IFS='|' read -r label config overrides; do
+  # shellcheck disable=SC2086  # SMOKESETS is a list of arguments
+  OMP_NUM_THREADS=4 timeout "$LIMIT" $PY -m rcm_core.cli distill "$config" --no-resume \
+    --set teacher.path="$TEACHER" --set teacher.guidance_scale="$W" --set data.uri="$DATA" \
+    --set train.max_minutes="$MINUTES" --set train.output_dir="$RUNS/$label" --set "$overrides" $SMOKESETS \
+    > "$RUNS/$label.log" 2>&1 &
+  pids+=($!)
+  labels+=("$label")
+done <<< "$VARIANTS"
+fail=0
+for p in "${pids[@]}"; do wait "$p" || fail=1; done
+{
+  echo "# moving-shapes distillation, $(date -u '+%Y-%m-%d %H:%M UTC'), teacher $TEACHER (CFG $W), ${MINUTES} min each"
+  for l in "${labels[@]}"; do
+    echo
+    echo "## $l"
+    echo '```'
+    grep -E '^\[distill\] (step|done)' "$RUNS/$l.log" | tail -n 2
+    sed -n '/^model /,$p' "$RUNS/$l.log"
+    echo '```'
+  done
+} > "$OUT/distill.md"
+cat "$OUT/distill.md"
+# the evaluation inputs/outputs (eval/samples.safetensors: noise, ~10 MB a run) stay behind: 16 MiB a file comes back
+(cd "$RUNS" && tar czf "$OUT/runs.tar.gz" --exclude="*.safetensors" ./*.log ./*/config.json ./*/eval 2> /dev/null)
+[ "$fail" = 0 ] || echo "a distillation run failed or ran out of time (see its log in runs.tar.gz)" >&2
+if $PY -m rcm_core.cli bench moving-shapes --help > /dev/null 2>&1; then
+  left=$((${BUDGET_SECONDS:-585} - SECONDS))
+  echo "== bench: rcm bench moving-shapes (${left}s left)"
+  runs=()
+  for l in "${labels[@]}"; do runs+=(--run "$l=$RUNS/$l"); done
+  # shellcheck disable=SC2086  # BENCH_EXTRA is a list of arguments
+  timeout "$left" $PY -m rcm_core.cli bench moving-shapes --teacher "$TEACHER" "${runs[@]}" --out "$RUNS/bench" \
+    ${BENCH_EXTRA:-} > "$RUNS/bench.log" 2>&1
+  echo "   exit $? (bench.log)"
+  tail -n 30 "$RUNS/bench.log"
+  cp "$RUNS/bench.log" "$RUNS/bench/" 2> /dev/null
+  (cd "$RUNS" && tar czf "$OUT/bench.tar.gz" bench)
+  n=0
+  for f in "$RUNS"/bench/*.md "$RUNS"/bench/*.json "$RUNS"/bench/*.png "$RUNS"/bench/*.gif; do
+    [ -f "$f" ] && [ "$n" -lt 4 ] || continue
+    cp "$f" "$OUT/" && n=$((n + 1))
+  done
+else
+  echo "== bench: 'rcm bench moving-shapes' is not in this checkout; skipped (runs in $RUNS)"
+fi
+exit "$fail"
