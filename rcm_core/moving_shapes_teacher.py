@@ -271,6 +271,11 @@ def train_moving_shapes_teacher(cfg: MovingShapesTeacherConfig, *, progress=None
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout; RCM_GIT_COMMIT when set (a copied working tree without .git, e.g. a GPU machine)."""
+    import os
+
+    if os.environ.get("RCM_GIT_COMMIT"):
+        return os.environ["RCM_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent

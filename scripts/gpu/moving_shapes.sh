@@ -16,11 +16,14 @@
 #       timeout through `rcm distill` (the diffusers task, fused JVP kernel): rCM seed 0 and seed 1, sCM-only and
 #       DMD-only (configs/moving-shapes-{rcm,scm,dmd}-gpu.yaml, CFG = the teacher's default), each ending with
 #       the task's own evaluation; then `rcm bench moving-shapes` over the teacher and the four runs if this
-#       checkout has it. Run folders (checkpoints: large) stay in RUNS (/tmp/ms-runs); back in $OUT:
+#       checkout has it. Run folders (checkpoints: large) stay in RUNS (a new /tmp/ms-runs.*); back in $OUT:
 #       distill.md (each run's last lines and evaluation), runs.tar.gz (logs, configs, evaluation reports and
 #       grids), bench.tar.gz and the bench's own *.md / *.json / *.png / *.gif (at most 4) when it ran.
 #
-# CPU dry run of the same parts and files with tiny settings: SMOKE=1 OUT=/tmp/ms bash scripts/gpu/moving_shapes.sh teacher
+# The teacher's metadata records the git commit: the GPU copy of the tree has no .git, so pass
+# RCM_GIT_COMMIT=<hash> in the command. CPU dry run of the same parts and files with tiny settings:
+#   SMOKE=1 OUT=/tmp/ms bash scripts/gpu/moving_shapes.sh teacher
+#   SMOKE=1 OUT=/tmp/ms-d TEACHER=/tmp/ms/moving_shapes_teacher bash scripts/gpu/moving_shapes.sh distill
 set -u
 PHASE=${1:-}
 case "$PHASE" in teacher | distill) ;; *) echo "usage: $0 teacher|distill" >&2; exit 2 ;; esac
@@ -63,7 +66,9 @@ if [ "$PHASE" = teacher ]; then
   tail -n 3 "$OUT/teacher.log"
   [ -f "$T/config.json" ] || { echo "no teacher was saved" >&2; exit 1; }
   echo "== teacher: CFG sweep ($SCALES) over the evaluation prompts"
-  timeout "${SWEEP_SECONDS:-100}" $PY scripts/gpu/moving_shapes_sweep.py --teacher "$T" --scales "$SCALES" \
+  # what is left of the device call's 600 s (a sweep cut short keeps the training's default guidance, 3)
+  left=${SWEEP_SECONDS:-$((${BUDGET_SECONDS:-590} - SECONDS))}
+  timeout "$left" $PY scripts/gpu/moving_shapes_sweep.py --teacher "$T" --scales "$SCALES" \
     --strip "$OUT/teacher_samples.png" 2>&1 | tee -a "$OUT/teacher.log" | tail -n 8
   ls -l "$T"
   exit 0
@@ -73,9 +78,8 @@ fi
 TEACHER=${TEACHER:-rcm_core/assets/moving_shapes_teacher}
 [ -f "$TEACHER/moving_shapes.json" ] \
   || { echo "no moving-shapes teacher at $TEACHER (commit the teacher phase's folder there, or set TEACHER)" >&2; exit 2; }
-RUNS=${RUNS:-/tmp/ms-runs}
+RUNS=${RUNS:-$(mktemp -d /tmp/ms-runs.XXXXXX)}
 DATA=$RUNS/data-train
-rm -rf "$RUNS"
 mkdir -p "$RUNS"
 # the shards must carry the teacher's own text encoder (same L, D and seed) and the student must use its CFG
 read -r W L D S <<< "$($PY -c "import json, sys; m = json.load(open(sys.argv[1])); e = m['text_encoder']
