@@ -466,7 +466,8 @@ def model_card(meta: dict) -> str:
     lines = [
         "# moving-shapes teacher (Wan2.1 architecture)",
         "",
-        "A small `diffusers.WanTransformer3DModel` trained from scratch on the project's moving-shapes "
+        "A small `diffusers.WanTransformer3DModel` trained (from Wan2.1's initialisation) on the project's "
+        "moving-shapes "
         "text-to-video task (rcm_core/data/moving_shapes.py): clips (3, 8, 32, 32) in pixel space, [-1, 1].",
         "",
         f"- architecture: {cfg['num_layers']} layers, {cfg['num_attention_heads']} heads x "
@@ -481,6 +482,14 @@ def model_card(meta: dict) -> str:
         f"(torch {rec.get('torch')}), {rec.get('date')}, git {rec.get('git_commit')}",
         f"- default sampler: {smp['steps']} Euler steps, CFG {smp['guidance_scale']} ({smp['guidance_form']})",
     ]
+    earlier = rec.get("init_from") or {}
+    while earlier.get("training"):  # earlier sittings this one continued from
+        t = earlier["training"]
+        lines.append(
+            f"- continued from: {t.get('steps_done')} steps of batch {t.get('batch_size')} in "
+            f"{t.get('train_seconds')} s on {t.get('device')}, {t.get('date')}, git {t.get('git_commit')}"
+        )
+        earlier = t.get("init_from") or {}
     if "eval" in meta:
         ev = meta["eval"]
         lines.append(f"- default guidance chosen by {ev['chosen_by']} over {ev['prompts']} evaluation clips:")
@@ -525,6 +534,9 @@ def train_command(out: str, overrides: dict, *, evaluate: bool = True, log=lambd
     net, record = train_moving_shapes_teacher(
         cfg, progress=lambda s, n, loss: log(f"[teacher] step {s:>7}/{n}  loss={loss:.4f}")
     )
+    if cfg.init:  # a later sitting: keep how the starting weights were made (a chain, earliest innermost)
+        previous = read_metadata(cfg.init)
+        record["init_from"] = {"training": previous.get("training"), "config": previous.get("config")}
     folder = save_moving_shapes_teacher(net, Path(out), cfg, record)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     log(f"[teacher] saved {folder} ({size:.1f} MiB; {record['steps_done']} steps in {record['train_seconds']} s)")

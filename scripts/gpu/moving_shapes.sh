@@ -9,6 +9,8 @@
 #       sampler. Back in $OUT: moving_shapes_teacher/ (config.json, diffusion_pytorch_model.safetensors,
 #       moving_shapes.json, README.md: the folder to commit as rcm_core/assets/moving_shapes_teacher/),
 #       teacher.log, teacher_samples.png/.gif/.txt (8 prompts, frames left to right).
+#       INIT=<teacher folder> continues training from it (a second sitting, on a pool drawn with seed 1; BATCH
+#       sets the batch, default 256), when one sitting's teacher scores too low.
 #   bash scripts/gpu/moving_shapes.sh distill
 #       needs the teacher folder at TEACHER (default rcm_core/assets/moving_shapes_teacher, where the teacher
 #       phase's folder is committed). Writes COUNT (50,000) train clips as rcm-latents-v1 shards with the teacher's
@@ -56,8 +58,11 @@ if [ "$PHASE" = teacher ]; then
   else
     TRAIN_SECONDS=${TRAIN_SECONDS:-420}
     SCALES=${SCALES:-2,3,4.5}
-    SETS="--set batch_size=256 --set steps=1000000 --set pool_size=150000 --set pool_workers=14 --set log_every=200"
+    SETS="--set batch_size=${BATCH:-256} --set steps=1000000 --set pool_size=150000 --set pool_workers=14
+      --set log_every=200"
   fi
+  # a second sitting continues from a teacher folder (the first sitting's, committed or carried) on fresh clips
+  [ -z "${INIT:-}" ] || SETS="$SETS --set init=$INIT --set seed=${INIT_SEED:-1}"
   echo "== teacher: train for ${TRAIN_SECONDS}s -> $T"
   # shellcheck disable=SC2086  # SETS is a list of arguments
   timeout $((TRAIN_SECONDS + 120)) $PY -m rcm_core.cli teacher train --preset moving-shapes --out "$T" --no-eval \
