@@ -386,16 +386,21 @@ def sweep_guidance(
     steps: int | None = None,
     seed: int = 0,
     samples_per_prompt: int = 1,
+    max_prompts: int = 0,
     strip: Path | None = None,
     log=lambda line: None,
 ) -> dict:
     """Sample the evaluation prompts at each CFG scale with the default sampler's steps, score them, make the best
     scale the folder's default sampler (recorded with every row in moving_shapes.json's `eval`), and write a
-    strip of 8 evaluation prompts at that scale. Returns the `eval` record."""
+    strip of 8 evaluation prompts at that scale. `max_prompts` > 0: an evenly spaced subset of the evaluation
+    prompts. Returns the `eval` record."""
     device = _device()
     net, encoder, meta = load_moving_shapes_teacher(folder, device=device)
     steps = steps or int(meta["default_sampler"]["steps"])
-    prompts = [p for p in moving_shapes.eval_prompts() for _ in range(samples_per_prompt)]
+    chosen = moving_shapes.eval_prompts()
+    if 0 < max_prompts < len(chosen):  # an evenly spaced subset (smoke runs)
+        chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, max_prompts).round().astype(int)]
+    prompts = [p for p in chosen for _ in range(samples_per_prompt)]
     rows, best_clips, best_score = [], None, 0.0
     for w in scales:
         start = time.perf_counter()

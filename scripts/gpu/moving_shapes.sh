@@ -44,20 +44,24 @@ else
 fi
 # NVLink multicast stays off (the device notes: it can take a shared host's GPUs out of service)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', flush=True)" || exit 1
+if [ "${SMOKE:-0}" != 1 ]; then  # what ran where, for the log (a smoke run skips the extra interpreter start)
+  $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+    torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', flush=True)" || exit 1
+fi
 
 if [ "$PHASE" = teacher ]; then
   T=$OUT/moving_shapes_teacher
   if [ "${SMOKE:-0}" = 1 ]; then
     TRAIN_SECONDS=${TRAIN_SECONDS:-5}
     SCALES=${SCALES:-1.5,3}
+    SWEEP_ARGS="--max-prompts 24"
     SETS="--set num_layers=1 --set num_attention_heads=2 --set attention_head_dim=16 --set ffn_dim=32
       --set freq_dim=32 --set text_dim=16 --set steps=6 --set batch_size=4 --set log_every=2 --set pool_size=64
       --set sample_steps=2"
   else
     TRAIN_SECONDS=${TRAIN_SECONDS:-420}
     SCALES=${SCALES:-2,3,4.5}
+    SWEEP_ARGS=""
     SETS="--set batch_size=${BATCH:-256} --set steps=1000000 --set pool_size=150000 --set pool_workers=14
       --set log_every=200"
   fi
@@ -73,8 +77,9 @@ if [ "$PHASE" = teacher ]; then
   echo "== teacher: CFG sweep ($SCALES) over the evaluation prompts"
   # what is left of the device call's 600 s (a sweep cut short keeps the training's default guidance, 3)
   left=${SWEEP_SECONDS:-$((${BUDGET_SECONDS:-590} - SECONDS))}
+  # shellcheck disable=SC2086  # SWEEP_ARGS is a list of arguments
   timeout "$left" $PY scripts/gpu/moving_shapes_sweep.py --teacher "$T" --scales "$SCALES" \
-    --strip "$OUT/teacher_samples.png" 2>&1 | tee -a "$OUT/teacher.log" | tail -n 8
+    --strip "$OUT/teacher_samples.png" $SWEEP_ARGS 2>&1 | tee -a "$OUT/teacher.log" | tail -n 8
   ls -l "$T"
   exit 0
 fi
