@@ -146,7 +146,8 @@ if $PY -m rcm_core.cli bench moving-shapes --help > /dev/null 2>&1; then
   left=$((${BUDGET_SECONDS:-585} - SECONDS))
   echo "== bench: rcm bench moving-shapes (${left}s left)"
   runs=()
-  for l in "${labels[@]}"; do runs+=(--run "$l=$RUNS/$l"); done
+  # the two rCM seeds share the name "rCM": the bench averages runs of one name and reports their spread
+  for l in "${labels[@]}"; do runs+=(--run "${l%-s[0-9]}=$RUNS/$l"); done
   # shellcheck disable=SC2086  # BENCH_EXTRA is a list of arguments
   timeout "$left" $PY -m rcm_core.cli bench moving-shapes --teacher "$TEACHER" "${runs[@]}" --out "$RUNS/bench" \
     ${BENCH_EXTRA:-} > "$RUNS/bench.log" 2>&1
