@@ -99,6 +99,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   MINUTES=${MINUTES:-0.02}
   SMOKESETS="--set train.device=cpu --set train.batch_size=2 --set train.steps=2 --set train.log_every=1
     --set eval.num_samples=10 --set eval.teacher_steps=[2]"
+  BENCH_EXTRA=${BENCH_EXTRA:-"--num-samples 12 --diversity-samples 4 --teacher-steps 2"}
 else
   COUNT=${COUNT:-50000}
   MINUTES=${MINUTES:-4.5}
