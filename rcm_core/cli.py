@@ -354,12 +354,22 @@ def _mid_times(value: str) -> list[float]:
 
 def cmd_bench(args) -> int:
     if args.task == "shapes":
-        from rcm_core.benchmarks.shapes import run_shapes_benchmark
+        from rcm_core.benchmarks.shapes import rescore_shapes_benchmark, run_shapes_benchmark
 
-        if not args.run:
-            raise ConfigError("bench shapes: give the students' run directories with --run NAME=DIR (one or more)")
+        if args.rescore:
+            if args.run or args.teacher_only:
+                raise ConfigError("bench shapes: --rescore samples nothing; drop --run / --teacher-only")
+            table, files = rescore_shapes_benchmark(Path(args.rescore), Path(args.out))
+            print(table)
+            print("[bench] saved " + ", ".join(map(str, files)))
+            return 0
+        if bool(args.run) == args.teacher_only:
+            raise ConfigError(
+                "bench shapes: give the students' run directories with --run NAME=DIR (one or more), "
+                "or --teacher-only for the shipped teacher's rows"
+            )
         runs = {}
-        for item in args.run:
+        for item in args.run or []:
             name, sep, path = item.partition("=")
             if not sep or not Path(path).is_dir():
                 raise ConfigError(f"--run {item}: expected NAME=DIR with an existing run directory")
@@ -376,8 +386,10 @@ def cmd_bench(args) -> int:
         print(table)
         print("[bench] saved " + ", ".join(map(str, files)))
         return 0
-    if args.run or args.student_mid_times or args.weights != "ema":
-        raise ConfigError("bench toy2d: --run, --student-mid-times and --weights apply to bench shapes only")
+    if args.run or args.student_mid_times or args.weights != "ema" or args.teacher_only or args.rescore:
+        raise ConfigError(
+            "bench toy2d: --run, --teacher-only, --rescore, --student-mid-times and --weights are bench shapes options"
+        )
     from rcm_core.benchmarks.toy2d import run_toy2d_benchmark
 
     table, files = run_toy2d_benchmark(Path(args.out), overrides=args.set or [], reporter=print_reporter)
@@ -548,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
         "repeat to compare schedules",
     )
     b.add_argument("--weights", choices=["ema", "raw"], default="ema", help="shapes: EMA (default) or raw student")
+    b.add_argument("--teacher-only", action="store_true", help="shapes: the shipped teacher's rows alone, no --run")
+    b.add_argument(
+        "--rescore", metavar="DIR", help="shapes: re-score DIR/images.npz of an earlier bench with the current judge"
+    )
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every student run")
     b.set_defaults(func=cmd_bench)
 
