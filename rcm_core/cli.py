@@ -449,6 +449,28 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_moving_shapes(args) -> int:
+    from rcm_core.data.moving_shapes_dataset import write_dataset
+
+    summary = write_dataset(
+        args.out,
+        count=args.count,
+        split=args.split,
+        seed=args.seed,
+        workers=args.workers,
+        text_tokens=args.text_tokens,
+        text_dim=args.text_dim,
+        text_seed=args.text_seed,
+        samples_per_shard=args.samples_per_shard,
+        progress=lambda line: print(line, flush=True) if args.verbose else None,
+    )
+    print(
+        f"[moving-shapes] {summary['count']} {summary['split']} clips in {summary['shards']} shard(s) -> "
+        f"{summary['out']} ({summary['seconds']:.1f}s, {summary['clips_per_s']:.0f} clips/s)"
+    )
+    return 0
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -594,6 +616,21 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     dp.add_argument("--device", help="default: cuda when available, else cpu")
     dp.set_defaults(func=cmd_data_prepare)
+    dm = dsub.add_parser(
+        "moving-shapes",
+        help="render moving-shapes clips (pixels as latents) + frozen text embeddings -> rcm-latents-v1 shards",
+    )
+    dm.add_argument("--out", required=True, help="output: a local directory or s3://bucket/prefix (must be new)")
+    dm.add_argument("--count", type=_positive_int, required=True, help="number of clips")
+    dm.add_argument("--split", choices=["train", "held_out"], default="train", help="prompt split to draw from")
+    dm.add_argument("--seed", type=int, default=0, help="the dataset is a function of (count, split, seed)")
+    dm.add_argument("--workers", type=int, default=0, help="rendering processes (0/1: this process)")
+    dm.add_argument("--text-tokens", type=_positive_int, default=16, help="text tokens L per caption")
+    dm.add_argument("--text-dim", type=_positive_int, default=64, help="text token width D (the teacher's text_dim)")
+    dm.add_argument("--text-seed", type=int, default=0, help="seed of the frozen word table")
+    dm.add_argument("--samples-per-shard", type=_positive_int, default=4096)
+    dm.add_argument("--verbose", action="store_true", help="a progress line per rendered chunk")
+    dm.set_defaults(func=cmd_data_moving_shapes)
     return p
 
 
