@@ -86,6 +86,8 @@ def cmd_teacher_train(args) -> int:
 
     if args.preset == "shapes":
         return _train_shapes_teacher(args)
+    if args.preset == "moving-shapes":
+        return _train_moving_shapes_teacher(args)
     cfg = _config_from_args(args)
     if args.out:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(Path(args.out) / "run")))
@@ -122,6 +124,25 @@ def _train_shapes_teacher(args) -> int:
         print(json.dumps({"geneval_style_score": record["eval"]}, indent=2))
     save_shapes_teacher(net, out, cfg, record)
     print(f"[teacher] saved {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _train_moving_shapes_teacher(args) -> int:
+    import yaml
+
+    from rcm_core.moving_shapes_teacher import train_command
+
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        overrides[key] = yaml.safe_load(raw)
+    out = args.out or "runs/teachers/moving_shapes_teacher"
+    try:
+        train_command(out, overrides, evaluate=not args.no_eval, log=lambda line: print(line, flush=True))
+    except ValueError as exc:  # the config dataclass' own checks
+        raise ConfigError(f"teacher: {exc}") from None
     return 0
 
 
@@ -503,9 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teacher", help="teacher commands")
     tsub = t.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
-    tt = tsub.add_parser("train", help="train (or find cached) a built-in teacher: 2-D (toy2d-*) or shapes (T2I)")
-    add_config(tt, extra_presets=("shapes",))
-    tt.add_argument("--out", help="toy2d: directory for the teacher; shapes: the .safetensors path")
+    tt = tsub.add_parser(
+        "train", help="train (or find cached) a built-in teacher: 2-D (toy2d-*), shapes (T2I) or moving-shapes (T2V)"
+    )
+    add_config(tt, extra_presets=("shapes", "moving-shapes"))
+    tt.add_argument(
+        "--out", help="toy2d: directory for the teacher; shapes: the .safetensors path; moving-shapes: a folder"
+    )
     tt.add_argument("--no-eval", action="store_true", help="shapes: skip the GenEval-style evaluation")
     tt.set_defaults(func=cmd_teacher_train)
 
