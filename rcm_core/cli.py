@@ -36,6 +36,17 @@ def _step_list(value: str) -> list[int]:
     return [_positive_int(v) for v in value.split(",")]
 
 
+def _seed_list(value: str) -> list[int]:
+    """'1000,2000' -> [1000, 2000]; every entry an integer >= 0."""
+    try:
+        seeds = [int(v) for v in value.split(",")]
+    except ValueError:
+        seeds = [-1]
+    if min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {value!r}")
+    return seeds
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -373,7 +384,43 @@ def _mid_times(value: str) -> list[float]:
     return times
 
 
+def _bench_moving_shapes(args) -> int:
+    from rcm_core.benchmarks.moving_shapes import run_moving_shapes_benchmark
+
+    if not args.teacher:
+        raise ConfigError("bench moving-shapes: --teacher DIR (a moving-shapes teacher folder) is required")
+    if args.teacher_only or args.rescore or args.weights != "ema":
+        raise ConfigError("bench moving-shapes: --teacher-only, --rescore and --weights are bench shapes options")
+    if args.student_mid_times and len(args.student_mid_times) > 1:
+        raise ConfigError("bench moving-shapes: give --student-mid-times once (one schedule for every student)")
+    runs = []
+    for item in args.run or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_dir():
+            raise ConfigError(f"--run {item}: expected NAME=DIR with an existing run or export directory")
+        runs.append((name, Path(path)))
+    if not Path(args.teacher).is_dir():
+        raise ConfigError(f"--teacher {args.teacher}: not a directory")
+    text, files = run_moving_shapes_benchmark(
+        Path(args.teacher),
+        runs,
+        Path(args.out),
+        num_samples=args.num_samples or 1024,
+        diversity_k=args.diversity_samples,
+        seeds=args.seeds,
+        teacher_steps=args.teacher_steps,
+        mid_times=args.student_mid_times[0] if args.student_mid_times else None,
+    )
+    print(text)
+    print("[bench] saved " + ", ".join(map(str, files)))
+    return 0
+
+
 def cmd_bench(args) -> int:
+    if args.task != "moving-shapes" and (args.teacher or args.seeds):
+        raise ConfigError("--teacher and --seeds are bench moving-shapes options")
+    if args.task == "moving-shapes":
+        return _bench_moving_shapes(args)
     if args.task == "shapes":
         from rcm_core.benchmarks.shapes import rescore_shapes_benchmark, run_shapes_benchmark
 
@@ -398,9 +445,9 @@ def cmd_bench(args) -> int:
         table, files = run_shapes_benchmark(
             runs,
             Path(args.out),
-            num_samples=args.num_samples,
+            num_samples=args.num_samples or 1008,
             diversity_k=args.diversity_samples,
-            teacher_steps=args.teacher_steps,
+            teacher_steps=args.teacher_steps or [50, 4],
             mid_times=args.student_mid_times,
             weights=args.weights,
         )
@@ -590,14 +637,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark tables: teacher vs sCM / DMD / rCM students (toy2d or shapes)")
-    b.add_argument("task", choices=["toy2d", "shapes"])
+    b.add_argument("task", choices=["toy2d", "shapes", "moving-shapes"])
     b.add_argument("--out", default="runs/bench")
-    b.add_argument("--run", action="append", metavar="NAME=DIR", help="shapes: a distilled student's run directory")
-    b.add_argument("--num-samples", type=int, default=1008, help="shapes: images per row (126 prompts x 8)")
-    b.add_argument("--diversity-samples", type=int, default=32, help="shapes: samples per diversity prompt")
     b.add_argument(
-        "--teacher-steps", type=lambda v: [int(x) for x in v.split(",")], default=[50, 4], help="shapes: e.g. 50,4"
+        "--run",
+        action="append",
+        metavar="NAME=DIR",
+        help="shapes: a distilled student's run directory; moving-shapes: a run directory or a diffusers export "
+        "(repeat a NAME, e.g. two seeds of rCM, to average them)",
     )
+    b.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        help="shapes: images per row (default 1008 = 126 prompts x 8); moving-shapes: clips per row (default 1024)",
+    )
+    b.add_argument("--diversity-samples", type=_positive_int, default=32, help="samples per diversity prompt")
+    b.add_argument(
+        "--teacher-steps",
+        type=_step_list,
+        help="teacher Euler steps, e.g. 50,4 (default: shapes 50,4; moving-shapes its default sampler's and 4)",
+    )
+    b.add_argument("--teacher", help="moving-shapes: the teacher folder (rcm teacher train --preset moving-shapes)")
+    b.add_argument("--seeds", type=_seed_list, help="moving-shapes: sampling seeds to average, e.g. 1000,2000")
     b.add_argument(
         "--student-mid-times",
         action="append",
