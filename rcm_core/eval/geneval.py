@@ -4,8 +4,9 @@ Detection is classical image analysis on the renderer's own vocabulary (rcm_core
 colours on black, three shapes at two sizes), numpy only:
 
 1. Colour-aware segmentation. Every pixel p is fitted to each palette colour P_k as a scaled copy
-   a_k P_k (a_k = p.P_k / |P_k|^2 clipped to [0, 1]: a blurred edge is the colour faded towards the black
-   background) with residual r_k = |p - a_k P_k|. A pixel belongs to colour k when k has the smallest residual,
+   a_k P_k (a_k = p.P_k / |P_k|^2 clipped to [0, MAX_ALPHA]: a blurred edge is the colour faded towards the
+   black background; a model's over-saturated colour is the palette colour brightened) with residual
+   r_k = |p - a_k P_k|. A pixel belongs to colour k when k has the smallest residual,
    a_k >= 0.5 (the half-intensity contour, which blur moves least) and r_k <= MAX_RESIDUAL (far from every
    palette colour = not an object pixel). Objects are 4-connected components of one colour, so two touching
    objects of different colours are two components (the blend pixels between them fit neither or a third
@@ -38,6 +39,7 @@ import numpy as np
 from rcm_core.data.shapes import CATEGORIES, COLORS, SHAPES, SIZES, Prompt, SceneObject, _shape_mask
 
 MIN_PIXELS = 6  # smaller components are specks, not objects
+MAX_ALPHA = 1.5  # a model may draw a colour brighter than the palette's (saturated); the hue is what counts
 MIN_ALPHA = 0.5  # a pixel is foreground from half the palette intensity up (the blurred edge's midpoint)
 MAX_RESIDUAL = 75.0  # RGB distance from the nearest faded palette colour beyond which a pixel is no object's
 MAX_MEAN_RESIDUAL = 40.0  # an object's pixels on average this close to its colour (noise sd 10 gives ~17)
@@ -64,7 +66,7 @@ def _templates() -> list[tuple[str, str, np.ndarray, float, float]]:
 
 def _palette_fit(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pixel: the nearest palette colour index, its intensity a_k and residual r_k (see the docstring)."""
-    alpha = np.clip(img @ _PALETTE.T / _PALETTE_SQ, 0.0, 1.0)  # (H, W, K)
+    alpha = np.clip(img @ _PALETTE.T / _PALETTE_SQ, 0.0, MAX_ALPHA)  # (H, W, K)
     resid = np.linalg.norm(img[:, :, None, :] - alpha[..., None] * _PALETTE, axis=-1)  # (H, W, K)
     label = resid.argmin(axis=2)
     pick = label[..., None]
