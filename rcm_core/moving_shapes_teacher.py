@@ -271,6 +271,11 @@ def train_moving_shapes_teacher(cfg: MovingShapesTeacherConfig, *, progress=None
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout; RCM_GIT_COMMIT when set (a copied working tree without .git, e.g. a GPU machine)."""
+    import os
+
+    if os.environ.get("RCM_GIT_COMMIT"):
+        return os.environ["RCM_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
@@ -381,16 +386,21 @@ def sweep_guidance(
     steps: int | None = None,
     seed: int = 0,
     samples_per_prompt: int = 1,
+    max_prompts: int = 0,
     strip: Path | None = None,
     log=lambda line: None,
 ) -> dict:
     """Sample the evaluation prompts at each CFG scale with the default sampler's steps, score them, make the best
     scale the folder's default sampler (recorded with every row in moving_shapes.json's `eval`), and write a
-    strip of 8 evaluation prompts at that scale. Returns the `eval` record."""
+    strip of 8 evaluation prompts at that scale. `max_prompts` > 0: an evenly spaced subset of the evaluation
+    prompts. Returns the `eval` record."""
     device = _device()
     net, encoder, meta = load_moving_shapes_teacher(folder, device=device)
     steps = steps or int(meta["default_sampler"]["steps"])
-    prompts = [p for p in moving_shapes.eval_prompts() for _ in range(samples_per_prompt)]
+    chosen = moving_shapes.eval_prompts()
+    if 0 < max_prompts < len(chosen):  # an evenly spaced subset (smoke runs)
+        chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, max_prompts).round().astype(int)]
+    prompts = [p for p in chosen for _ in range(samples_per_prompt)]
     rows, best_clips, best_score = [], None, 0.0
     for w in scales:
         start = time.perf_counter()
@@ -461,7 +471,8 @@ def model_card(meta: dict) -> str:
     lines = [
         "# moving-shapes teacher (Wan2.1 architecture)",
         "",
-        "A small `diffusers.WanTransformer3DModel` trained from scratch on the project's moving-shapes "
+        "A small `diffusers.WanTransformer3DModel` trained (from Wan2.1's initialisation) on the project's "
+        "moving-shapes "
         "text-to-video task (rcm_core/data/moving_shapes.py): clips (3, 8, 32, 32) in pixel space, [-1, 1].",
         "",
         f"- architecture: {cfg['num_layers']} layers, {cfg['num_attention_heads']} heads x "
@@ -476,6 +487,14 @@ def model_card(meta: dict) -> str:
         f"(torch {rec.get('torch')}), {rec.get('date')}, git {rec.get('git_commit')}",
         f"- default sampler: {smp['steps']} Euler steps, CFG {smp['guidance_scale']} ({smp['guidance_form']})",
     ]
+    earlier = rec.get("init_from") or {}
+    while earlier.get("training"):  # earlier sittings this one continued from
+        t = earlier["training"]
+        lines.append(
+            f"- continued from: {t.get('steps_done')} steps of batch {t.get('batch_size')} in "
+            f"{t.get('train_seconds')} s on {t.get('device')}, {t.get('date')}, git {t.get('git_commit')}"
+        )
+        earlier = t.get("init_from") or {}
     if "eval" in meta:
         ev = meta["eval"]
         lines.append(f"- default guidance chosen by {ev['chosen_by']} over {ev['prompts']} evaluation clips:")
@@ -520,6 +539,9 @@ def train_command(out: str, overrides: dict, *, evaluate: bool = True, log=lambd
     net, record = train_moving_shapes_teacher(
         cfg, progress=lambda s, n, loss: log(f"[teacher] step {s:>7}/{n}  loss={loss:.4f}")
     )
+    if cfg.init:  # a later sitting: keep how the starting weights were made (a chain, earliest innermost)
+        previous = read_metadata(cfg.init)
+        record["init_from"] = {"training": previous.get("training"), "config": previous.get("config")}
     folder = save_moving_shapes_teacher(net, Path(out), cfg, record)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     log(f"[teacher] saved {folder} ({size:.1f} MiB; {record['steps_done']} steps in {record['train_seconds']} s)")

@@ -19,6 +19,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="Euler steps (default: the teacher's default sampler's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of the evaluation prompts")
     p.add_argument("--strip", type=Path, help="PNG path of the sample strip (a GIF and a caption list beside it)")
     args = p.parse_args()
     record = sweep_guidance(
@@ -27,6 +28,7 @@ def main() -> int:
         steps=args.steps,
         seed=args.seed,
         samples_per_prompt=args.samples_per_prompt,
+        max_prompts=args.max_prompts,
         strip=args.strip,
         log=lambda line: print(line, flush=True),
     )

@@ -90,3 +90,18 @@ def test_cli_trains_a_tiny_teacher_and_rejects_a_bad_config(tmp_path, capsys):
     assert "patch_size" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="caption_dropout"):
         MovingShapesTeacherConfig(caption_dropout=1.0)
+
+
+@pytest.mark.parametrize("pool_size", [0, 40])
+def test_training_batches_pair_each_clip_with_its_own_caption(pool_size):
+    from rcm_core.eval.geneval import detect, judge
+    from rcm_core.moving_shapes_teacher import ClipSource
+
+    source = ClipSource(MovingShapesTeacherConfig(**{**TINY, "pool_size": pool_size}), torch.device("cpu"))
+    x0, ids = source.sample(24, torch.Generator().manual_seed(0))
+    assert x0.shape == (24, 3, ms.FRAMES, 32, 32) and x0.min() >= -1 and x0.max() <= 1
+    clips = ms.to_uint8_clips(x0)
+    prompts = [source.prompts[i] for i in ids.tolist()]
+    assert not any(p.is_held_out() for p in prompts)
+    # clean renders: frame 0 satisfies the paired caption's base prompt (a shuffled pairing would mostly fail)
+    assert all(judge(p.base, detect(c[0])) for p, c in zip(prompts, clips, strict=True))
