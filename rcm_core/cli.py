@@ -384,6 +384,14 @@ def _mid_times(value: str) -> list[float]:
     return times
 
 
+def _default_judge_workers() -> int:
+    """On a GPU machine the clip judge (numpy, ~10 ms a clip) would dominate: use up to 8 cores; on a CPU machine
+    the cores are the sampler's."""
+    import os
+
+    return min(8, (os.cpu_count() or 1) - 1) if _cuda_available() else 0
+
+
 def _bench_moving_shapes(args) -> int:
     from rcm_core.benchmarks.moving_shapes import run_moving_shapes_benchmark
 
@@ -410,6 +418,7 @@ def _bench_moving_shapes(args) -> int:
         seeds=args.seeds,
         teacher_steps=args.teacher_steps,
         mid_times=args.student_mid_times[0] if args.student_mid_times else None,
+        judge_workers=args.judge_workers if args.judge_workers is not None else _default_judge_workers(),
     )
     print(text)
     print("[bench] saved " + ", ".join(map(str, files)))
@@ -658,6 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher Euler steps, e.g. 50,4 (default: shapes 50,4; moving-shapes its default sampler's and 4)",
     )
     b.add_argument("--teacher", help="moving-shapes: the teacher folder (rcm teacher train --preset moving-shapes)")
+    b.add_argument(
+        "--judge-workers",
+        type=int,
+        help="moving-shapes: processes judging clips (default: up to 8 on a GPU machine, 0 = in-process on a CPU one)",
+    )
     b.add_argument("--seeds", type=_seed_list, help="moving-shapes: sampling seeds to average, e.g. 1000,2000")
     b.add_argument(
         "--student-mid-times",

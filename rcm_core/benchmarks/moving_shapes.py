@@ -17,6 +17,7 @@ on STRIP_PROMPTS).
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import torch
@@ -66,11 +67,12 @@ def run_moving_shapes_benchmark(
     teacher_steps: list[int] | None = None,
     mid_times: list[float] | None = None,
     students: list[tuple[str, FlowModel, list[float]]] | None = None,
+    judge_workers: int = 0,
 ) -> tuple[str, list[Path]]:
     """Evaluate the teacher and every student; returns the markdown (table + targets) and the files written.
 
     `students` adds already-built (name, FlowModel, mid times) students to those loaded from `runs`;
-    `mid_times` overrides every student's."""
+    `mid_times` overrides every student's; `judge_workers` > 1 judges clips in that many processes."""
     from rcm_core.moving_shapes_teacher import load_moving_shapes_teacher
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,14 +96,21 @@ def run_moving_shapes_benchmark(
 
     evaluations: dict[tuple[str, int], list[dict]] = {}
     panels: dict[str, object] = {}
-    for name, sampler, steps_list in models:
-        for steps in steps_list:
-            for seed in seeds:
-                metrics, clips = ev.evaluate_one(
-                    sampler, steps, num_samples=num_samples, diversity_k=diversity_k, seed=seed
-                )
-                evaluations.setdefault((name, steps), []).append(metrics)
-                panels.setdefault(f"{name} {steps}-step", clips["strip"])
+    # spawn, not fork: the parent holds CUDA and torch threads; the workers import numpy code only
+    pool = multiprocessing.get_context("spawn").Pool(judge_workers) if judge_workers > 1 else None
+    try:
+        for name, sampler, steps_list in models:
+            for steps in steps_list:
+                for seed in seeds:
+                    metrics, clips = ev.evaluate_one(
+                        sampler, steps, num_samples=num_samples, diversity_k=diversity_k, seed=seed, pool=pool
+                    )
+                    evaluations.setdefault((name, steps), []).append(metrics)
+                    panels.setdefault(f"{name} {steps}-step", clips["strip"])
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     rows = [ev.aggregate(name, steps, evs) for (name, steps), evs in evaluations.items()]
     targets = ev.check_targets(rows, teacher=teacher_label, teacher_steps=(teacher_steps or [t_default])[0])
     table = ev.format_table(rows)
@@ -119,6 +128,7 @@ def run_moving_shapes_benchmark(
         "diversity_k": diversity_k,
         "student_mid_times": mid_times or "per run",
         "judge": "rcm_core.eval.clip_judge.score_clips",
+        "judge_workers": judge_workers,
     }
     (out / "report.json").write_text(report_json(report))
     (out / "table.md").write_text(text)

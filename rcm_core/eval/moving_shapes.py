@@ -109,9 +109,10 @@ def _sync() -> None:
 
 
 def evaluate_one(
-    sampler: ClipSampler, steps: int, *, num_samples: int, diversity_k: int, seed: int
+    sampler: ClipSampler, steps: int, *, num_samples: int, diversity_k: int, seed: int, pool=None
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Metrics of one sampler at one step count and one sampling seed, and its STRIP_PROMPTS clips."""
+    """Metrics of one sampler at one step count and one sampling seed, and its STRIP_PROMPTS clips (`pool`: a
+    multiprocessing pool for the judge, which is CPU-bound, or None)."""
     prompts = benchmark_prompts(num_samples)
     held = [i for i, p in enumerate(prompts) if p.is_held_out()]
     if torch.cuda.is_available():
@@ -121,8 +122,10 @@ def evaluate_one(
     clips = sampler(prompts, steps, seed)
     _sync()
     ms_per_clip = 1e3 * (time.perf_counter() - start) / len(prompts)
-    scores = score_clips(prompts, list(clips))
-    held_out = score_clips([prompts[i] for i in held], [clips[i] for i in held])["overall"] if held else math.nan
+    scores = score_clips(prompts, list(clips), pool=pool)
+    held_out = (
+        score_clips([prompts[i] for i in held], [clips[i] for i in held], pool=pool)["overall"] if held else math.nan
+    )
     # the diversity clips (K per prompt) and the strip in one sampler call (one batch on a GPU)
     extra = [parse_caption(c) for c in DIVERSITY_PROMPTS for _ in range(diversity_k)]
     extra += [parse_caption(c) for c in STRIP_PROMPTS]

@@ -123,3 +123,12 @@ def test_trajectory_diversity_of_renderer_clips_and_of_a_collapsed_model():
     assert data["recall"] > 0.8
     collapsed = trajectory_diversity(prompt, [clips[0]] * 40, seed=10)
     assert collapsed["diversity"] == 0.0 and collapsed["recall"] < 0.3
+
+
+def test_scores_are_the_same_when_judged_in_worker_processes():
+    import multiprocessing
+
+    prompts, clips, _ = _clips(70, seed=12)
+    clips[3] = clips[3][::-1].copy()  # one clip played backwards: its motion is wrong
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert score_clips(prompts, clips, pool=pool) == score_clips(prompts, clips)
