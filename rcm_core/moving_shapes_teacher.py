@@ -143,13 +143,11 @@ def init_wan_weights(model: nn.Module) -> None:
 
 def build_teacher_net(cfg: MovingShapesTeacherConfig, *, seed: int = 0):
     """A freshly initialised WanTransformer3DModel wrapped in the project's WanNet (float32)."""
-    from diffusers import WanTransformer3DModel
-
-    from rcm_core.teachers.wan import WanNet
+    from rcm_core.teachers.wan import WAN21, WanNet
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = WanTransformer3DModel(**cfg.wan_config())
+        model = WAN21.diffusers_class()(**cfg.wan_config())  # diffusers.WanTransformer3DModel
         init_wan_weights(model)
     return WanNet.from_diffusers(model)
 

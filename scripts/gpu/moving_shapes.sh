@@ -155,7 +155,7 @@ if $PY -m rcm_core.cli bench moving-shapes --help > /dev/null 2>&1; then
   echo "   exit $? (bench.log)"
   tail -n 30 "$RUNS/bench.log"
   cp "$RUNS/bench.log" "$RUNS/bench/" 2> /dev/null
-  (cd "$RUNS" && tar czf "$OUT/bench.tar.gz" bench)
+  (cd "$RUNS" && tar czf "$OUT/bench.tar.gz" --exclude="*.png" --exclude="*.gif" bench)  # images: copied below
   n=0
   for f in "$RUNS"/bench/*.md "$RUNS"/bench/*.json "$RUNS"/bench/*.png "$RUNS"/bench/*.gif; do
     [ -f "$f" ] && [ "$n" -lt 4 ] || continue
