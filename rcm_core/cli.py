@@ -419,6 +419,7 @@ def _bench_moving_shapes(args) -> int:
         teacher_steps=args.teacher_steps,
         mid_times=args.student_mid_times[0] if args.student_mid_times else None,
         judge_workers=args.judge_workers if args.judge_workers is not None else _default_judge_workers(),
+        student_steps=args.student_steps,
     )
     print(text)
     print("[bench] saved " + ", ".join(map(str, files)))
@@ -426,8 +427,8 @@ def _bench_moving_shapes(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.task != "moving-shapes" and (args.teacher or args.seeds):
-        raise ConfigError("--teacher and --seeds are bench moving-shapes options")
+    if args.task != "moving-shapes" and (args.teacher or args.seeds or args.student_steps or args.judge_workers):
+        raise ConfigError("--teacher, --seeds, --student-steps and --judge-workers are bench moving-shapes options")
     if args.task == "moving-shapes":
         return _bench_moving_shapes(args)
     if args.task == "shapes":
@@ -666,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_step_list,
         help="teacher Euler steps, e.g. 50,4 (default: shapes 50,4; moving-shapes its default sampler's and 4)",
     )
+    b.add_argument("--student-steps", type=_step_list, help="moving-shapes: student steps (default 1,2,4)")
     b.add_argument("--teacher", help="moving-shapes: the teacher folder (rcm teacher train --preset moving-shapes)")
     b.add_argument(
         "--judge-workers",

@@ -68,15 +68,18 @@ def run_moving_shapes_benchmark(
     mid_times: list[float] | None = None,
     students: list[tuple[str, FlowModel, list[float]]] | None = None,
     judge_workers: int = 0,
+    student_steps: list[int] | None = None,
 ) -> tuple[str, list[Path]]:
     """Evaluate the teacher and every student; returns the markdown (table + targets) and the files written.
 
     `students` adds already-built (name, FlowModel, mid times) students to those loaded from `runs`;
-    `mid_times` overrides every student's; `judge_workers` > 1 judges clips in that many processes."""
+    `mid_times` overrides every student's; `judge_workers` > 1 judges clips in that many processes;
+    `student_steps` defaults to 1, 2 and 4."""
     from rcm_core.moving_shapes_teacher import load_moving_shapes_teacher
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seeds = seeds or [1000]
+    student_steps = list(student_steps or STUDENT_STEPS)
     try:
         net, encoder, meta = load_moving_shapes_teacher(teacher_dir, device=device)
     except (OSError, ValueError) as exc:
@@ -89,10 +92,10 @@ def run_moving_shapes_benchmark(
     for name, path in runs:
         flow, times, what = load_student(name, path, device)
         loaded.setdefault(name, []).append(what)
-        models.append((name, ev.student_sampler(flow, encoder, mid_times or times), list(STUDENT_STEPS)))
+        models.append((name, ev.student_sampler(flow, encoder, mid_times or times), student_steps))
     for name, flow, times in students or []:
         loaded.setdefault(name, []).append("in-memory")
-        models.append((name, ev.student_sampler(flow.to(device).eval(), encoder, mid_times or times), [*STUDENT_STEPS]))
+        models.append((name, ev.student_sampler(flow.to(device).eval(), encoder, mid_times or times), student_steps))
 
     evaluations: dict[tuple[str, int], list[dict]] = {}
     panels: dict[str, object] = {}

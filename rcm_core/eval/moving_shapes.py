@@ -256,8 +256,14 @@ def check_targets(
     r4, d4 = _find(rows, rcm, 4), _find(rows, dmd, 4)
     if t is None or r4 is None:
         add(f"{rcm} 4-step diversity within 10% of the teacher's", None, "rows missing")
+    elif not t["diversity"] > 0:
+        add(
+            f"{rcm} 4-step diversity within 10% of the teacher's",
+            None,
+            "the teacher's diversity is 0 (no object found)",
+        )
     else:
-        gap = abs(r4["diversity"] - t["diversity"]) / t["diversity"] if t["diversity"] > 0 else math.inf
+        gap = abs(r4["diversity"] - t["diversity"]) / t["diversity"]
         add(
             f"{rcm} 4-step diversity within 10% of the teacher's",
             gap <= 0.10,
