@@ -36,6 +36,17 @@ def _step_list(value: str) -> list[int]:
     return [_positive_int(v) for v in value.split(",")]
 
 
+def _seed_list(value: str) -> list[int]:
+    """'1000,2000' -> [1000, 2000]; every entry an integer >= 0."""
+    try:
+        seeds = [int(v) for v in value.split(",")]
+    except ValueError:
+        seeds = [-1]
+    if min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {value!r}")
+    return seeds
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -387,14 +398,70 @@ def _mid_times(value: str) -> list[float]:
     return times
 
 
-def cmd_bench(args) -> int:
-    if args.task == "shapes":
-        from rcm_core.benchmarks.shapes import run_shapes_benchmark
+def _default_judge_workers() -> int:
+    """On a GPU machine the clip judge (numpy, ~10 ms a clip) would dominate: use up to 8 cores; on a CPU machine
+    the cores are the sampler's."""
+    import os
 
-        if not args.run:
-            raise ConfigError("bench shapes: give the students' run directories with --run NAME=DIR (one or more)")
+    return min(8, (os.cpu_count() or 1) - 1) if _cuda_available() else 0
+
+
+def _bench_moving_shapes(args) -> int:
+    from rcm_core.benchmarks.moving_shapes import run_moving_shapes_benchmark
+
+    if not args.teacher:
+        raise ConfigError("bench moving-shapes: --teacher DIR (a moving-shapes teacher folder) is required")
+    if args.teacher_only or args.rescore or args.weights != "ema":
+        raise ConfigError("bench moving-shapes: --teacher-only, --rescore and --weights are bench shapes options")
+    if args.student_mid_times and len(args.student_mid_times) > 1:
+        raise ConfigError("bench moving-shapes: give --student-mid-times once (one schedule for every student)")
+    runs = []
+    for item in args.run or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_dir():
+            raise ConfigError(f"--run {item}: expected NAME=DIR with an existing run or export directory")
+        runs.append((name, Path(path)))
+    if not Path(args.teacher).is_dir():
+        raise ConfigError(f"--teacher {args.teacher}: not a directory")
+    text, files = run_moving_shapes_benchmark(
+        Path(args.teacher),
+        runs,
+        Path(args.out),
+        num_samples=args.num_samples or 1024,
+        diversity_k=args.diversity_samples,
+        seeds=args.seeds,
+        teacher_steps=args.teacher_steps,
+        mid_times=args.student_mid_times[0] if args.student_mid_times else None,
+        judge_workers=args.judge_workers if args.judge_workers is not None else _default_judge_workers(),
+        student_steps=args.student_steps,
+    )
+    print(text)
+    print("[bench] saved " + ", ".join(map(str, files)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.task != "moving-shapes" and (args.teacher or args.seeds or args.student_steps or args.judge_workers):
+        raise ConfigError("--teacher, --seeds, --student-steps and --judge-workers are bench moving-shapes options")
+    if args.task == "moving-shapes":
+        return _bench_moving_shapes(args)
+    if args.task == "shapes":
+        from rcm_core.benchmarks.shapes import rescore_shapes_benchmark, run_shapes_benchmark
+
+        if args.rescore:
+            if args.run or args.teacher_only:
+                raise ConfigError("bench shapes: --rescore samples nothing; drop --run / --teacher-only")
+            table, files = rescore_shapes_benchmark(Path(args.rescore), Path(args.out))
+            print(table)
+            print("[bench] saved " + ", ".join(map(str, files)))
+            return 0
+        if bool(args.run) == args.teacher_only:
+            raise ConfigError(
+                "bench shapes: give the students' run directories with --run NAME=DIR (one or more), "
+                "or --teacher-only for the shipped teacher's rows"
+            )
         runs = {}
-        for item in args.run:
+        for item in args.run or []:
             name, sep, path = item.partition("=")
             if not sep or not Path(path).is_dir():
                 raise ConfigError(f"--run {item}: expected NAME=DIR with an existing run directory")
@@ -402,17 +469,19 @@ def cmd_bench(args) -> int:
         table, files = run_shapes_benchmark(
             runs,
             Path(args.out),
-            num_samples=args.num_samples,
+            num_samples=args.num_samples or 1008,
             diversity_k=args.diversity_samples,
-            teacher_steps=args.teacher_steps,
+            teacher_steps=args.teacher_steps or [50, 4],
             mid_times=args.student_mid_times,
             weights=args.weights,
         )
         print(table)
         print("[bench] saved " + ", ".join(map(str, files)))
         return 0
-    if args.run or args.student_mid_times or args.weights != "ema":
-        raise ConfigError("bench toy2d: --run, --student-mid-times and --weights apply to bench shapes only")
+    if args.run or args.student_mid_times or args.weights != "ema" or args.teacher_only or args.rescore:
+        raise ConfigError(
+            "bench toy2d: --run, --teacher-only, --rescore, --student-mid-times and --weights are bench shapes options"
+        )
     from rcm_core.benchmarks.toy2d import run_toy2d_benchmark
 
     table, files = run_toy2d_benchmark(Path(args.out), overrides=args.set or [], reporter=print_reporter)
@@ -597,14 +666,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark tables: teacher vs sCM / DMD / rCM students (toy2d or shapes)")
-    b.add_argument("task", choices=["toy2d", "shapes"])
+    b.add_argument("task", choices=["toy2d", "shapes", "moving-shapes"])
     b.add_argument("--out", default="runs/bench")
-    b.add_argument("--run", action="append", metavar="NAME=DIR", help="shapes: a distilled student's run directory")
-    b.add_argument("--num-samples", type=int, default=1008, help="shapes: images per row (126 prompts x 8)")
-    b.add_argument("--diversity-samples", type=int, default=32, help="shapes: samples per diversity prompt")
     b.add_argument(
-        "--teacher-steps", type=lambda v: [int(x) for x in v.split(",")], default=[50, 4], help="shapes: e.g. 50,4"
+        "--run",
+        action="append",
+        metavar="NAME=DIR",
+        help="shapes: a distilled student's run directory; moving-shapes: a run directory or a diffusers export "
+        "(repeat a NAME, e.g. two seeds of rCM, to average them)",
     )
+    b.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        help="shapes: images per row (default 1008 = 126 prompts x 8); moving-shapes: clips per row (default 1024)",
+    )
+    b.add_argument("--diversity-samples", type=_positive_int, default=32, help="samples per diversity prompt")
+    b.add_argument(
+        "--teacher-steps",
+        type=_step_list,
+        help="teacher Euler steps, e.g. 50,4 (default: shapes 50,4; moving-shapes its default sampler's and 4)",
+    )
+    b.add_argument("--student-steps", type=_step_list, help="moving-shapes: student steps (default 1,2,4)")
+    b.add_argument("--teacher", help="moving-shapes: the teacher folder (rcm teacher train --preset moving-shapes)")
+    b.add_argument(
+        "--judge-workers",
+        type=int,
+        help="moving-shapes: processes judging clips (default: up to 8 on a GPU machine, 0 = in-process on a CPU one)",
+    )
+    b.add_argument("--seeds", type=_seed_list, help="moving-shapes: sampling seeds to average, e.g. 1000,2000")
     b.add_argument(
         "--student-mid-times",
         action="append",
@@ -614,6 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
         "repeat to compare schedules",
     )
     b.add_argument("--weights", choices=["ema", "raw"], default="ema", help="shapes: EMA (default) or raw student")
+    b.add_argument("--teacher-only", action="store_true", help="shapes: the shipped teacher's rows alone, no --run")
+    b.add_argument(
+        "--rescore", metavar="DIR", help="shapes: re-score DIR/images.npz of an earlier bench with the current judge"
+    )
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every student run")
     b.set_defaults(func=cmd_bench)
 

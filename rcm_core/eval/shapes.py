@@ -104,11 +104,18 @@ def _sync() -> None:
 
 
 def evaluate(
-    entries: list[tuple[str, Sampler, list[int]]], *, num_samples: int, diversity_k: int = 32, seed: int = 0
+    entries: list[tuple[str, Sampler, list[int]]],
+    *,
+    num_samples: int,
+    diversity_k: int = 32,
+    seed: int = 0,
+    keep_images: dict | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Rows of the benchmark table and, per row, the images of GRID_PROMPTS (for `image_grid`)."""
+    """Rows of the benchmark table and, per row, the images of GRID_PROMPTS (for `image_grid`).
+
+    `keep_images`, when given, receives per row label the benchmark images and the diversity images (what
+    `score_images` needs to re-score the same samples with another judge, e.g. `images.npz` of the bench)."""
     prompts = benchmark_prompts(num_samples)
-    held = [i for i, p in enumerate(prompts) if p.is_held_out()]
     div_prompts = [parse_caption(c) for c in DIVERSITY_PROMPTS]
     rows, images = [], {}
     for name, sampler, steps_list in entries:
@@ -119,25 +126,37 @@ def evaluate(
             imgs = sampler(prompts, steps, seed)
             _sync()
             ms = 1e3 * (time.perf_counter() - start) / len(prompts)
-            s = score(prompts, list(imgs))
-            held_score = score([prompts[i] for i in held], [imgs[i] for i in held])["overall"] if held else math.nan
-            div = [
-                diversity_report(p, list(sampler([p] * diversity_k, steps, seed + 1 + j)), seed=seed + 1 + j)
-                for j, p in enumerate(div_prompts)
-            ]
-            rows.append(
-                {
-                    "model": name,
-                    "steps": steps,
-                    **s,
-                    "held_out": held_score,
-                    "diversity": float(np.mean([d["diversity"] for d in div])),
-                    "recall": float(np.mean([d["recall"] for d in div])),
-                    "ms_per_image": ms,
-                }
-            )
-            images[f"{name} {steps}-step"] = sampler([parse_caption(c) for c in GRID_PROMPTS], steps, seed + 100)
+            div_imgs = [sampler([p] * diversity_k, steps, seed + 1 + j) for j, p in enumerate(div_prompts)]
+            rows.append(score_images(name, steps, imgs, div_imgs, ms_per_image=ms, seed=seed))
+            label = f"{name} {steps}-step"
+            images[label] = sampler([parse_caption(c) for c in GRID_PROMPTS], steps, seed + 100)
+            if keep_images is not None:
+                keep_images[label] = {"images": np.asarray(imgs), "diversity": np.stack(div_imgs)}
     return rows, images
+
+
+def score_images(
+    name: str, steps: int, imgs: np.ndarray, div_imgs: list[np.ndarray], *, ms_per_image: float, seed: int
+) -> dict:
+    """One table row from a model's benchmark images (`benchmark_prompts(len(imgs))`, in order) and its
+    DIVERSITY_PROMPTS images (one array of K per prompt, sampled with seeds seed + 1 + j)."""
+    prompts = benchmark_prompts(len(imgs))
+    held = [i for i, p in enumerate(prompts) if p.is_held_out()]
+    s = score(prompts, list(imgs))
+    held_score = score([prompts[i] for i in held], [imgs[i] for i in held])["overall"] if held else math.nan
+    div = [
+        diversity_report(parse_caption(c), list(d), seed=seed + 1 + j)
+        for j, (c, d) in enumerate(zip(DIVERSITY_PROMPTS, div_imgs, strict=True))
+    ]
+    return {
+        "model": name,
+        "steps": steps,
+        **s,
+        "held_out": held_score,
+        "diversity": float(np.mean([d["diversity"] for d in div])),
+        "recall": float(np.mean([d["recall"] for d in div])),
+        "ms_per_image": ms_per_image,
+    }
 
 
 def _cell(value, digits: int) -> str:
