@@ -84,7 +84,7 @@ def _templates() -> list[tuple[str, np.ndarray, float, float]]:
 
 
 def _size(shape: str, area: int) -> str:
-    """"small" or "large": nearer (in log area) to the renderer's small or large footprint of the shape."""
+    """ "small" or "large": nearer (in log area) to the renderer's small or large footprint of the shape."""
     small, large = (int(_shape_mask(shape, SIZES[s]).sum()) for s in ("small", "large"))
     return "large" if area * area >= small * large else "small"
 
