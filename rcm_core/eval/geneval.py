@@ -47,6 +47,7 @@ BRIGHT = 60  # second pass, colour-agnostic: a pixel is bright when its largest 
 MIN_BRIGHT_IOU = 0.75  # ... and a bright component no colour pass explained is an object only at this IoU
 MIN_MEDIAN_ALPHA = 0.7  # an object is mostly at full intensity
 MAX_RIM_ALPHA = 0.33  # and drops off sharply: a dark ring (renderer, mild blur+noise: <= 0.31; smooth noise: >= 0.34)
+SURE_IOU = 0.85  # ... unless its shape is clean (heavy blur also softens the rim; smooth noise blobs: IoU <= 0.84)
 MIN_IOU = 0.6  # best template IoU of a real object: ~1.0 clean, >= 0.8 under mild blur and noise
 PEEL_PIXELS = 70  # components at least this large (about two small objects) are also tried as several
 SEARCH = 2  # template offsets tried around the centroid, pixels each way
@@ -227,6 +228,7 @@ def detect(image: np.ndarray) -> list[SceneObject]:
     label, alpha, resid = _palette_fit(img)
     foreground = (alpha >= MIN_ALPHA) & (resid <= MAX_RESIDUAL)
     objects, claimed = [], np.zeros(foreground.shape, dtype=bool)
+    bright = img.max(axis=2) > BRIGHT
     for k, color in enumerate(_COLOR_NAMES):
         for pixels in _components(foreground & (label == k)):
             if len(pixels) < MIN_PIXELS:
@@ -234,9 +236,9 @@ def detect(image: np.ndarray) -> list[SceneObject]:
             rows, cols = pixels[:, 0], pixels[:, 1]
             if resid[rows, cols].mean() > MAX_MEAN_RESIDUAL or np.median(alpha[rows, cols]) < MIN_MEDIAN_ALPHA:
                 continue  # not the flat palette colour of a drawn object
-            if _rim_intensity(img, k, pixels, _dilate((label != k) & (img.max(axis=2) > BRIGHT))) > MAX_RIM_ALPHA:
-                continue  # fades out slowly: a patch of a smooth colour field, not an object's edge
             iou, shape, size = _classify(pixels)
+            if iou < SURE_IOU and _rim_intensity(img, k, pixels, _dilate((label != k) & bright)) > MAX_RIM_ALPHA:
+                continue  # fades out slowly and is no clean shape: a patch of a smooth colour field
             parts = [(pixels, shape, size)] if iou >= MIN_IOU else []
             if len(pixels) >= PEEL_PIXELS and iou < 0.9:  # maybe touching objects of one colour
                 pieces = _peel_component(pixels)
@@ -249,7 +251,7 @@ def detect(image: np.ndarray) -> list[SceneObject]:
                 claimed[part[:, 0], part[:, 1]] = True
     # second pass: objects of an off-palette shade (a model's orange or lime splits between two palette colours)
     # or of a textured colour; only a clean template match counts, so noise stays out
-    for pixels in _components((img.max(axis=2) > BRIGHT) & ~_dilate(claimed)):
+    for pixels in _components(bright & ~_dilate(claimed)):
         if len(pixels) < 2 * MIN_PIXELS:
             continue
         if not _sharp(img.max(axis=2), pixels):
