@@ -130,7 +130,7 @@ def eval_prompts() -> list[MovingPrompt]:
     ]
 
 
-def sample_prompt(rng: np.random.Generator, *, split: str = "train") -> MovingPrompt:
+def sample_prompt(rng: np.random.Generator, split: str = "train") -> MovingPrompt:
     """A prompt from the grammar; `train` never returns a held-out prompt, `held_out` only those."""
     if split not in ("train", "held_out"):
         raise ValueError(f"split must be 'train' or 'held_out', not {split!r}")

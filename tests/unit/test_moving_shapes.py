@@ -51,6 +51,7 @@ def test_held_out_split_is_disjoint_from_training_and_has_unseen_bases_and_unsee
     train = [ms.sample_prompt(rng) for _ in range(4000)]
     assert not {p.caption() for p in train} & held_captions
     assert {ms.sample_prompt(rng, split="held_out").caption() for _ in range(300)} <= held_captions
+    assert ms.sample_prompt(rng, "held_out").is_held_out()  # the interface's positional form
     unseen_bases = [p for p in held if p.base.is_held_out()]
     unseen_pairs = [p for p in held if not p.base.is_held_out()]
     assert unseen_bases and unseen_pairs
