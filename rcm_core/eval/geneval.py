@@ -43,7 +43,11 @@ MAX_ALPHA = 1.5  # a model may draw a colour brighter than the palette's (satura
 MIN_ALPHA = 0.5  # a pixel is foreground from half the palette intensity up (the blurred edge's midpoint)
 MAX_RESIDUAL = 75.0  # RGB distance from the nearest faded palette colour beyond which a pixel is no object's
 MAX_MEAN_RESIDUAL = 40.0  # an object's pixels on average this close to its colour (noise sd 10 gives ~17)
+BRIGHT = 60  # second pass, colour-agnostic: a pixel is bright when its largest channel exceeds this ...
+MIN_BRIGHT_IOU = 0.75  # ... and a bright component no colour pass explained is an object only at this IoU
 MIN_MEDIAN_ALPHA = 0.7  # an object is mostly at full intensity
+MAX_RIM_ALPHA = 0.33  # and drops off sharply: a dark ring (renderer, mild blur+noise: <= 0.31; smooth noise: >= 0.34)
+SURE_IOU = 0.85  # ... unless its shape is clean (heavy blur also softens the rim; smooth noise blobs: IoU <= 0.84)
 MIN_IOU = 0.6  # best template IoU of a real object: ~1.0 clean, >= 0.8 under mild blur and noise
 PEEL_PIXELS = 70  # components at least this large (about two small objects) are also tried as several
 SEARCH = 2  # template offsets tried around the centroid, pixels each way
@@ -52,16 +56,38 @@ _PALETTE_SQ = (_PALETTE**2).sum(axis=1)  # (K,)
 _COLOR_NAMES = list(COLORS)
 
 
+def template_mask(shape: str, n: int) -> np.ndarray:
+    """The renderer's footprint of `shape` in an n x n box (`shapes._shape_mask` for odd n = 2 half + 1),
+    extended to even n (centre between pixels), so that shapes drawn between the two sizes are matched too."""
+    if n % 2:
+        return _shape_mask(shape, n // 2)
+    c = (n - 1) / 2
+    yy, xx = np.mgrid[0:n, 0:n] - c
+    if shape == "square":
+        return np.ones((n, n), dtype=bool)
+    if shape == "circle":
+        return xx**2 + yy**2 <= (n / 2) ** 2
+    return np.abs(xx) <= (yy + c) / 2 + 0.25
+
+
 @functools.cache
-def _templates() -> list[tuple[str, str, np.ndarray, float, float]]:
-    """(shape, size, mask, centroid row, centroid col within the mask's box) for every shape and size."""
+def _templates() -> list[tuple[str, np.ndarray, float, float]]:
+    """(shape, mask, centroid row, centroid col within the mask's box) for every shape and box size from 2 px
+    below the small size to 2 px above the large one."""
     out = []
+    lo, hi = 2 * min(SIZES.values()) + 1 - 2, 2 * max(SIZES.values()) + 1 + 2
     for shape in SHAPES:
-        for size, half in SIZES.items():
-            mask = _shape_mask(shape, half)
+        for n in range(lo, hi + 1):
+            mask = template_mask(shape, n)
             rows, cols = np.nonzero(mask)
-            out.append((shape, size, mask, float(rows.mean()), float(cols.mean())))
+            out.append((shape, mask, float(rows.mean()), float(cols.mean())))
     return out
+
+
+def _size(shape: str, area: int) -> str:
+    """ "small" or "large": nearer (in log area) to the renderer's small or large footprint of the shape."""
+    small, large = (int(_shape_mask(shape, SIZES[s]).sum()) for s in ("small", "large"))
+    return "large" if area * area >= small * large else "small"
 
 
 def _palette_fit(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,22 +120,22 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
-def _fit(mask: np.ndarray, area: int, cy: float, cx: float) -> tuple[float, str, str, int, int]:
-    """Best template for a component: (IoU, shape, size, box top row, box left col).
+def _fit(mask: np.ndarray, area: int, cy: float, cx: float) -> tuple[float, str, int, int, np.ndarray | None]:
+    """Best template for a component: (IoU, shape, box top row, box left col, template mask).
 
     `mask` is the component alone on a canvas padded by PAD on every side; the template's box is placed so its
     centroid lands within SEARCH pixels of the component's centroid (cy, cx in unpadded coordinates)."""
-    best = (0.0, "", "", 0, 0)
-    for shape, size, tmpl, ty, tx in _templates():
+    best: tuple[float, str, int, int, np.ndarray | None] = (0.0, "", 0, 0, None)
+    span = 2 * SEARCH + 1
+    for shape, tmpl, ty, tx in _templates():
         n = tmpl.shape[0]
         y0, x0 = int(round(cy - ty)) - SEARCH + _PAD, int(round(cx - tx)) - SEARCH + _PAD
-        span = 2 * SEARCH + 1
         windows = np.lib.stride_tricks.sliding_window_view(mask[y0 : y0 + n + span - 1, x0 : x0 + n + span - 1], (n, n))
         inter = (windows & tmpl).sum(axis=(2, 3))  # (span, span)
         iou = inter / (area + tmpl.sum() - inter)
         i, j = np.unravel_index(int(iou.argmax()), iou.shape)
         if iou[i, j] > best[0]:
-            best = (float(iou[i, j]), shape, size, y0 + i - _PAD, x0 + j - _PAD)
+            best = (float(iou[i, j]), shape, y0 + i - _PAD, x0 + j - _PAD, tmpl)
     return best
 
 
@@ -124,7 +150,7 @@ def _peel(mask: np.ndarray) -> list[np.ndarray]:
     objects, rest = [], mask.copy()
     for _ in range(4):  # at most four objects in a scene
         best = None
-        for _shape, _size, tmpl, _ty, _tx in _templates():
+        for _shape, tmpl, _ty, _tx in _templates():
             n, area = tmpl.shape[0], int(tmpl.sum())
             cover = (np.lib.stride_tricks.sliding_window_view(rest, (n, n)) & tmpl).sum(axis=(2, 3)) / area
             i, j = np.unravel_index(int(cover.argmax()), cover.shape)
@@ -169,8 +195,7 @@ def _union_iou(pixels: np.ndarray, pieces: list[tuple[np.ndarray, str, str]]) ->
     for piece, _, _ in pieces:
         canvas = np.zeros_like(comp)
         canvas[piece[:, 0] + _PAD, piece[:, 1] + _PAD] = True
-        _, shape, size, y0, x0 = _fit(canvas, len(piece), float(piece[:, 0].mean()), float(piece[:, 1].mean()))
-        tmpl = next(t[2] for t in _templates() if t[0] == shape and t[1] == size)
+        _, _, y0, x0, tmpl = _fit(canvas, len(piece), float(piece[:, 0].mean()), float(piece[:, 1].mean()))
         n = tmpl.shape[0]
         union[y0 + _PAD : y0 + _PAD + n, x0 + _PAD : x0 + _PAD + n] |= tmpl
     return float((comp & union).sum() / (comp | union).sum())
@@ -193,8 +218,8 @@ def classify_shape(pixels: np.ndarray) -> str:
 def _classify(pixels: np.ndarray) -> tuple[float, str, str]:
     canvas = np.zeros((32 + 2 * _PAD, 32 + 2 * _PAD), dtype=bool)
     canvas[pixels[:, 0] + _PAD, pixels[:, 1] + _PAD] = True
-    iou, shape, size, _, _ = _fit(canvas, len(pixels), float(pixels[:, 0].mean()), float(pixels[:, 1].mean()))
-    return iou, shape, size
+    iou, shape, _, _, _ = _fit(canvas, len(pixels), float(pixels[:, 0].mean()), float(pixels[:, 1].mean()))
+    return iou, shape, _size(shape, len(pixels)) if shape else ""
 
 
 def detect(image: np.ndarray) -> list[SceneObject]:
@@ -202,7 +227,8 @@ def detect(image: np.ndarray) -> list[SceneObject]:
     img = np.asarray(image, dtype=np.float64)
     label, alpha, resid = _palette_fit(img)
     foreground = (alpha >= MIN_ALPHA) & (resid <= MAX_RESIDUAL)
-    objects = []
+    objects, claimed = [], np.zeros(foreground.shape, dtype=bool)
+    bright = img.max(axis=2) > BRIGHT
     for k, color in enumerate(_COLOR_NAMES):
         for pixels in _components(foreground & (label == k)):
             if len(pixels) < MIN_PIXELS:
@@ -211,6 +237,8 @@ def detect(image: np.ndarray) -> list[SceneObject]:
             if resid[rows, cols].mean() > MAX_MEAN_RESIDUAL or np.median(alpha[rows, cols]) < MIN_MEDIAN_ALPHA:
                 continue  # not the flat palette colour of a drawn object
             iou, shape, size = _classify(pixels)
+            if iou < SURE_IOU and _rim_intensity(img, k, pixels, _dilate((label != k) & bright)) > MAX_RIM_ALPHA:
+                continue  # fades out slowly and is no clean shape: a patch of a smooth colour field
             parts = [(pixels, shape, size)] if iou >= MIN_IOU else []
             if len(pixels) >= PEEL_PIXELS and iou < 0.9:  # maybe touching objects of one colour
                 pieces = _peel_component(pixels)
@@ -220,7 +248,50 @@ def detect(image: np.ndarray) -> list[SceneObject]:
                 objects.append(
                     SceneObject(shape_name, color, size_name, float(part[:, 1].mean()), float(part[:, 0].mean()))
                 )
+                claimed[part[:, 0], part[:, 1]] = True
+    # second pass: objects of an off-palette shade (a model's orange or lime splits between two palette colours)
+    # or of a textured colour; only a clean template match counts, so noise stays out
+    for pixels in _components(bright & ~_dilate(claimed)):
+        if len(pixels) < 2 * MIN_PIXELS:
+            continue
+        if not _sharp(img.max(axis=2), pixels):
+            continue
+        iou, shape, size = _classify(pixels)
+        if iou >= MIN_BRIGHT_IOU:
+            k = _nearest_color(img[pixels[:, 0], pixels[:, 1]].mean(axis=0))
+            objects.append(
+                SceneObject(shape, _COLOR_NAMES[k], size, float(pixels[:, 1].mean()), float(pixels[:, 0].mean()))
+            )
     return objects
+
+
+def _rim_intensity(img: np.ndarray, k: int, pixels: np.ndarray, others: np.ndarray) -> float:
+    """Mean intensity a_k of colour k on the one-pixel ring around a component, leaving out `others` (bright pixels
+    of another colour and their neighbours: a touching object, or the blend between two colours, is not this
+    one's rim); MAX_ALPHA when that leaves less than half the ring."""
+    mask = np.zeros(img.shape[:2], dtype=bool)
+    mask[pixels[:, 0], pixels[:, 1]] = True
+    ring = _dilate(mask) & ~mask
+    kept = ring & ~others
+    if kept.sum() < 0.5 * ring.sum():
+        return MAX_ALPHA  # mostly surrounded by other colours: no dark background around it, so no drawn object
+    return float(np.clip(img[kept] @ _PALETTE[k] / _PALETTE_SQ[k], 0.0, MAX_ALPHA).mean())
+
+
+def _sharp(value: np.ndarray, pixels: np.ndarray) -> bool:
+    """A drawn object on the black background: bright inside (median of the largest channel >= 2.5 BRIGHT) and
+    dark just outside (the one-pixel ring's mean <= BRIGHT / 2). A blob cut out of a smooth random field by the
+    threshold fails: it fades to the threshold at its rim, and stays near it outside."""
+    mask = np.zeros(value.shape, dtype=bool)
+    mask[pixels[:, 0], pixels[:, 1]] = True
+    ring = _dilate(mask) & ~mask
+    return bool(ring.any() and np.median(value[mask]) >= 2.5 * BRIGHT and value[ring].mean() <= BRIGHT / 2)
+
+
+def _nearest_color(rgb: np.ndarray) -> int:
+    """Index of the palette colour whose faded / brightened copy is nearest to `rgb`."""
+    alpha = np.clip(_PALETTE @ rgb / _PALETTE_SQ, 0.0, MAX_ALPHA)
+    return int(np.linalg.norm(rgb[None, :] - alpha[:, None] * _PALETTE, axis=1).argmin())
 
 
 MILD_BLUR_SIGMA = 0.7  # "mild" degradation, the judge's accuracy target: Gaussian blur up to this sigma (px) ...
