@@ -58,7 +58,31 @@ run() {  # run SECONDS LOG ARGS...: one part under its own limit, its output kep
   timeout "$limit" $PY $B --out "$R" ${EXTRA:-} "$@" > "$R/$log" 2>&1
   echo "   exit $? ($log)"
 }
-if [ "${1:-}" = 14b-cp8 ]; then
+if [ "${1:-}" = 14b-8gpu ]; then
+  # Issue 21: the 14B rCM step on one 8-GPU host, 2 meshes x 2 checkpointing policies, one torchrun each (a
+  # configuration that runs out of memory, or hangs, costs only its own limit); limits sum to 550 s
+  P=tests/benchmarks/bench_wan_parallel.py
+  NPROC=${NPROC:-8}
+  par() {  # par SECONDS LABEL CP AC: one configuration; its exit code goes next to its rank files
+    local port
+    port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    echo "== $2: torchrun $NPROC ranks, CP=$3, AC $4 (limit $1 s)"
+    timeout -k 15 "$1" $PY -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
+      --master-port "$port" $P --out "$R" ${EXTRA:-} --cp-degree "$3" --activation-checkpoint "$4" --steps 2 \
+      --budget-s $(($1 - 20)) --label "$2" > "$R/$2.log" 2>&1
+    local rc=$?
+    echo "$rc" > "$R/wan_par_$2.exit"
+    echo "   exit $rc ($2.log)"
+  }
+  CP_A=$NPROC CP_B=$((NPROC / 2))  # CP over all ranks; CP over half of them x FSDP (data parallel) 2
+  par 125 cp${CP_A}_full "$CP_A" full
+  par 115 cp${CP_A}_selective "$CP_A" selective
+  par 160 cp${CP_B}_fsdp2_full "$CP_B" full
+  par 150 cp${CP_B}_fsdp2_selective "$CP_B" selective
+  $PY $P --table "$R" --projection docs/perf/wan_2026-12-05_h200/wan_block_14b.json > "$R/table.log" 2>&1
+  echo "   table exit $?"
+  cp "$R"/wan_parallel.json "$OUT/" 2> /dev/null
+elif [ "${1:-}" = 14b-cp8 ]; then
   echo "== torchrun, 8 ranks: 14B rCM step, CP=8"
   timeout 330 $PY -m torch.distributed.run --nproc-per-node 8 --master-addr 127.0.0.1 $B --out "$R" ${EXTRA:-} \
     --model 14B --cp-degree 8 --attention fused --activation-checkpoint full --phases step --steps 2 \
@@ -74,7 +98,7 @@ run 50 c_mathjvp.log --attention math-jvp --activation-checkpoint full --phases 
 run 90 d_fused_ac.log --attention fused --activation-checkpoint selective,none --phases step --steps 1 \
   --label fused_selective_none
 fi
-for f in "$R"/wan_*.md; do
+for f in "$R"/wan_*.md; do  # wan_parallel.md has no FLOP legend: printed whole
   [ -f "$f" ] || continue
   echo "== $(basename "$f")"
   sed '/^Model FLOPs:/,$d' "$f"
