@@ -23,6 +23,16 @@
 #      the real 14B rCM step on 8 GPUs with CP=8 (torchrun; nets built on meta, each rank materialising its
 #      shards), then the one-GPU block measurement on GPU 0 with the projection from that run's own counted
 #      passes: the measured step and its projection side by side.
+#   4. issue 21, the whole 8-GPU matrix in one call (nvidia-h200-x8, timeout_s 600, carry [".whl"]):
+#        bash docs/perf/pending_gpu_run_wan.sh 14b-8gpu
+#      the 14B rCM step (teacher, student, EMA, fake score; fused attention) under CP=8 and CP=4 x FSDP=2, each
+#      with full and selective checkpointing: four torchrun calls of tests/benchmarks/bench_wan_parallel.py under
+#      limits of 120 + 110 + 160 + 150 s (1 warm-up, 2 timed and 1 profiled step each; an OOM is recorded as the
+#      configuration's result), then the table: $OUT/wan_parallel.md and .json (step time, peak memory per GPU,
+#      tokens/s per GPU, MFU, all-to-all / all-gather / reduce-scatter vs compute from torch.profiler) with the
+#      one-GPU projection as a row of its own. Supersedes 14b-cp8 (which measures only CP=8 with full AC).
+#      CPU check (tiny net, 4 gloo ranks: CP=4 and CP=2 x FSDP=2):
+#        PY=.venv/bin/python EXTRA=--tiny NPROC=4 OUT=/tmp/wan8 bash docs/perf/pending_gpu_run_wan.sh 14b-8gpu
 # Smoke check of this script on a CPU (tiny configs, same parts and files): PY=.venv/bin/python EXTRA=--tiny
 #   OUT=/tmp/wan bash docs/perf/pending_gpu_run_wan.sh
 set -u
@@ -60,14 +70,14 @@ run() {  # run SECONDS LOG ARGS...: one part under its own limit, its output kep
 }
 if [ "${1:-}" = 14b-8gpu ]; then
   # Issue 21: the 14B rCM step on one 8-GPU host, 2 meshes x 2 checkpointing policies, one torchrun each (a
-  # configuration that runs out of memory, or hangs, costs only its own limit); limits sum to 550 s
+  # configuration that runs out of memory, or hangs, costs only its own limit); limits sum to 540 s (+ 5 s each to kill)
   P=tests/benchmarks/bench_wan_parallel.py
   NPROC=${NPROC:-8}
   par() {  # par SECONDS LABEL CP AC: one configuration; its exit code goes next to its rank files
     local port
     port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     echo "== $2: torchrun $NPROC ranks, CP=$3, AC $4 (limit $1 s)"
-    timeout -k 15 "$1" $PY -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
+    timeout -k 5 "$1" $PY -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
       --master-port "$port" $P --out "$R" ${EXTRA:-} --cp-degree "$3" --activation-checkpoint "$4" --steps 2 \
       --budget-s $(($1 - 20)) --label "$2" > "$R/$2.log" 2>&1
     local rc=$?
@@ -75,8 +85,8 @@ if [ "${1:-}" = 14b-8gpu ]; then
     echo "   exit $rc ($2.log)"
   }
   CP_A=$NPROC CP_B=$((NPROC / 2))  # CP over all ranks; CP over half of them x FSDP (data parallel) 2
-  par 125 cp${CP_A}_full "$CP_A" full
-  par 115 cp${CP_A}_selective "$CP_A" selective
+  par 120 cp${CP_A}_full "$CP_A" full
+  par 110 cp${CP_A}_selective "$CP_A" selective
   par 160 cp${CP_B}_fsdp2_full "$CP_B" full
   par 150 cp${CP_B}_fsdp2_selective "$CP_B" selective
   $PY $P --table "$R" --projection docs/perf/wan_2026-12-05_h200/wan_block_14b.json > "$R/table.log" 2>&1
