@@ -4,7 +4,9 @@ torchrun call, and the table over the configurations.
 A script, not a test. Under torchrun (one GPU per rank, NCCL; on a CPU: gloo), one configuration = a mesh (CP =
 `--cp-degree` ranks per sample, FSDP over all ranks, data parallel over world / cp groups) and an activation
 checkpointing policy. Teacher, student, EMA and fake score are the Wan2.1-T2V-14B config with random weights
-(`bench_wan_step.WAN_CONFIGS["14B"]`), built on `meta`, each rank materialising only its FSDP shards
+(`bench_wan_step.WAN_CONFIGS["14B"]`: 40 heads x 128, ffn 13,824, 40 layers; checked 2026-12-05 against the
+"Wan-T2V-14B" `diffusers_config` of diffusers' scripts/convert_wan_to_diffusers.py, commit 0122271c, and Wan's own
+wan/configs/wan_t2v_14B.py), built on `meta`, each rank materialising only its FSDP shards
 (`bench_wan_step.meta_copier`), with bf16 FSDP mixed precision (float32 time path), bf16 autocast around the losses
 and the project's fused forward+JVP attention kernel (the Wan net's "auto" backend on CUDA) -- the step the worker
 runs (`Distiller.train_step`: critic update, sCM + DMD student update, EMA), as `bench_wan_step.py` builds it.
@@ -257,7 +259,7 @@ def run_config(args) -> int:
     save("timed")
     # profile one more step if every rank has the time for it (one collective, so all ranks decide alike)
     left = args.budget_s - (time.perf_counter() - started)
-    go = torch.tensor([1.0 if left > 1.5 * t["s"] + 10 and not args.no_profile else 0.0], device=device)
+    go = torch.tensor([1.0 if left > 1.25 * t["s"] + 8 and not args.no_profile else 0.0], device=device)
     dist.all_reduce(go, op=dist.ReduceOp.MIN)
     if go.item() > 0:
         try:
