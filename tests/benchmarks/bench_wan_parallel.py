@@ -33,7 +33,8 @@ so torchrun ends the other ranks instead of leaving them in a collective.
   MFU            model FLOPs of the step / world size / step s / peak (989 TFLOP/s dense bf16, H100/H200 SXM), with
                  the FLOP formula of bench_wan_step.py (recompute not counted; the step's FLOPs are the sum over its
                  counted network calls);
-  profile        rank 0's kernel time per collective kind and compute, the collectives' union, the part of it that
+  profile        rank 0's kernel time per collective kind (all-to-all, all-gather, reduce-scatter, all-reduce and
+                 other) and compute, the collectives' union, the part of it that
                  overlaps compute, the exposed rest (rank 0, and the max over ranks). NCCL kernel time includes the
                  time a kernel waits for its peers, so it bounds the transfer time from above.
 With `--projection` (the one-GPU block JSON of docs/perf/), the projected CP=8 step is a row of its own.
@@ -210,7 +211,8 @@ def run_config(args) -> int:
         "torch": torch.__version__, "diffusers": diffusers.__version__, "argv": sys.argv[1:],
         "model": "tiny" if args.tiny else args.model, "config": config, "world_size": world,
         "cp_degree": args.cp_degree, "dp_shard_degree": dp, "fsdp_degree": world, "batch_size": batch,
-        "tokens": tokens, "latent": list(latent), "text_len": text_len, "attention": "fused",
+        "tokens": tokens, "latent": list(latent), "text_len": text_len,
+        "attention": "fused (Triton)" if device.type == "cuda" else "math (CPU: the net's auto backend)",
         "activation_checkpointing": args.activation_checkpoint, "peak_tflops": args.peak_tflops,
         "stages": [],
     }  # fmt: skip
@@ -354,9 +356,9 @@ def table(rows: list[dict]) -> str:
     """The markdown table of the configurations (module doc for the columns)."""
     lines = [
         "| mesh (world) | AC | batch | status | rCM step s | peak GiB/GPU (max) | tokens/s/GPU | TFLOP/s/GPU | MFU "
-        "| all-to-all ms | all-gather ms | reduce-scatter ms | compute ms | collectives overlapped | exposed "
-        "collectives ms (rank 0 / max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| all-to-all ms | all-gather ms | reduce-scatter ms | all-reduce + other ms | compute ms "
+        "| collectives overlapped | exposed collectives ms (rank 0 / max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mesh = f"CP={r['cp_degree']}" + (f" x FSDP={r['dp_shard_degree']}" if r["dp_shard_degree"] > 1 else "")
@@ -365,6 +367,8 @@ def table(rows: list[dict]) -> str:
             mesh = f"projection, {mesh}, from one {r['device']} ({r['date']})"
         p = r.get("profile") or {}
         busy = p.get("busy_ms", {})
+        # gloo has no reduce-scatter: FSDP's gradients show up as all-reduces on a CPU
+        other = busy["all_reduce"] + busy["other_collective"] if busy else None
         overlap = "" if p.get("overlap_frac") is None else f"{p['overlap_frac']:.0%}"
         exposed = ""
         if "exposed_collective_ms" in p:
@@ -379,7 +383,8 @@ def table(rows: list[dict]) -> str:
             f"{fmt(r.get('tokens_per_s_per_gpu'), '.0f')} | {fmt(r.get('tflops_per_gpu'), '.1f')} | "
             f"{fmt(r.get('mfu'), '.1%')} | {fmt(busy.get('all_to_all'), '.0f')} | "
             f"{fmt(busy.get('all_gather'), '.0f')} | "
-            f"{fmt(busy.get('reduce_scatter'), '.0f')} | {fmt(p.get('compute_ms'), '.0f')} | {overlap} | {exposed} |"
+            f"{fmt(busy.get('reduce_scatter'), '.0f')} | {fmt(other, '.0f')} | {fmt(p.get('compute_ms'), '.0f')} | "
+            f"{overlap} | {exposed} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -94,7 +94,8 @@ def _rank(label, rank, *, cp=4, dp=2, step=None, peak=None, profile=None, stages
 
 
 def _profile(exposed):
-    return {"busy_ms": {"all_to_all": 300.0, "all_gather": 500.0, "reduce_scatter": 200.0}, "compute_ms": 20000.0,
+    return {"busy_ms": {"all_to_all": 300.0, "all_gather": 500.0, "reduce_scatter": 200.0, "all_reduce": 1.0,
+                        "other_collective": 0.5}, "compute_ms": 20000.0,
             "collective_ms": 900.0, "overlap_ms": 900.0 - exposed, "exposed_collective_ms": exposed,
             "overlap_frac": (900.0 - exposed) / 900.0}  # fmt: skip
 
@@ -128,7 +129,8 @@ def test_table_takes_the_max_over_ranks_and_records_oom_and_runs_cut_short(tmp_p
     assert proj["mfu"] == pytest.approx(30749e12 / 8 / 11.1112 / 989e12, rel=1e-3)
     md = (tmp_path / "wan_parallel.md").read_text()
     assert (
-        "| CP=4 x FSDP=2 (8) | full | 2 | ok | 21.00 | 110.5 | 390 | 357.1 | 36.1% | 300 | 500 | 200 | 20000 | " in md
+        "| CP=4 x FSDP=2 (8) | full | 2 | ok | 21.00 | 110.5 | 390 | 357.1 | 36.1% | 300 | 500 | 200 | 2 | 20000 | "
+        in md
     )
     assert "89% | 100 / 250 |" in md
     assert "projection, CP=8 (8), from one NVIDIA H200 (2026-12-05)" in md
