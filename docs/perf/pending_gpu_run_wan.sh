@@ -23,6 +23,16 @@
 #      the real 14B rCM step on 8 GPUs with CP=8 (torchrun; nets built on meta, each rank materialising its
 #      shards), then the one-GPU block measurement on GPU 0 with the projection from that run's own counted
 #      passes: the measured step and its projection side by side.
+#   4. issue 21, the whole 8-GPU matrix in one call (nvidia-h200-x8, timeout_s 600, carry [".whl"]):
+#        bash docs/perf/pending_gpu_run_wan.sh 14b-8gpu
+#      the 14B rCM step (teacher, student, EMA, fake score; fused attention) under CP=8 and CP=4 x FSDP=2, each
+#      with full and selective checkpointing: four torchrun calls of tests/benchmarks/bench_wan_parallel.py (1
+#      warm-up, 2 timed and 1 profiled step each; an OOM is recorded as the configuration's result) under limits
+#      capped at 140 + 130 + 190 + 150 s and 540 s in all, then the table: $OUT/wan_parallel.md and .json (step
+#      time, peak memory per GPU, tokens/s per GPU, MFU, all-to-all / all-gather / reduce-scatter vs compute from
+#      torch.profiler) with the one-GPU projection as a row of its own. Supersedes 14b-cp8 (which measures only CP=8 with full AC).
+#      CPU check (tiny net, 4 gloo ranks: CP=4 and CP=2 x FSDP=2):
+#        PY=.venv/bin/python EXTRA=--tiny NPROC=4 OUT=/tmp/wan8 bash docs/perf/pending_gpu_run_wan.sh 14b-8gpu
 # Smoke check of this script on a CPU (tiny configs, same parts and files): PY=.venv/bin/python EXTRA=--tiny
 #   OUT=/tmp/wan bash docs/perf/pending_gpu_run_wan.sh
 set -u
@@ -58,7 +68,36 @@ run() {  # run SECONDS LOG ARGS...: one part under its own limit, its output kep
   timeout "$limit" $PY $B --out "$R" ${EXTRA:-} "$@" > "$R/$log" 2>&1
   echo "   exit $? ($log)"
 }
-if [ "${1:-}" = 14b-cp8 ]; then
+if [ "${1:-}" = 14b-8gpu ]; then
+  # Issue 21: the 14B rCM step on one 8-GPU host, 2 meshes x 2 checkpointing policies, one torchrun each (a
+  # configuration that runs out of memory, or hangs, costs only its own limit). 540 s in all: each configuration
+  # gets its cap, or less so that the ones after it keep their reserve; one that ends early (e.g. an OOM) leaves
+  # its time to the next
+  P=tests/benchmarks/bench_wan_parallel.py
+  NPROC=${NPROC:-8}
+  T0=$SECONDS
+  par() {  # par CAP RESERVE LABEL CP AC: one configuration; its exit code goes next to its rank files
+    local limit=$((540 - (SECONDS - T0) - $2)) port
+    [ "$limit" -gt "$1" ] && limit=$1
+    port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    echo "== $3: torchrun $NPROC ranks, CP=$4, AC $5 (limit $limit s)"
+    # --budget-s: what is left once torchrun and the imports have started (about 15 s), for the profiled step
+    timeout -k 5 "$limit" $PY -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 \
+      --master-port "$port" $P --out "$R" ${EXTRA:-} --cp-degree "$4" --activation-checkpoint "$5" --steps 2 \
+      --budget-s $((limit - 15)) --label "$3" > "$R/$3.log" 2>&1
+    local rc=$?
+    echo "$rc" > "$R/wan_par_$3.exit"
+    echo "   exit $rc after $((SECONDS - T0)) s in all ($3.log)"
+  }
+  CP_A=$NPROC CP_B=$((NPROC / 2))  # CP over all ranks; CP over half of them x FSDP (data parallel) 2
+  par 140 330 cp${CP_A}_full "$CP_A" full
+  par 130 220 cp${CP_A}_selective "$CP_A" selective
+  par 190 110 cp${CP_B}_fsdp2_full "$CP_B" full
+  par 150 0 cp${CP_B}_fsdp2_selective "$CP_B" selective
+  $PY $P --table "$R" --projection docs/perf/wan_2026-12-05_h200/wan_block_14b.json > "$R/table.log" 2>&1
+  echo "   table exit $?"
+  cp "$R"/wan_parallel.json "$OUT/" 2> /dev/null
+elif [ "${1:-}" = 14b-cp8 ]; then
   echo "== torchrun, 8 ranks: 14B rCM step, CP=8"
   timeout 330 $PY -m torch.distributed.run --nproc-per-node 8 --master-addr 127.0.0.1 $B --out "$R" ${EXTRA:-} \
     --model 14B --cp-degree 8 --attention fused --activation-checkpoint full --phases step --steps 2 \
@@ -74,7 +113,7 @@ run 50 c_mathjvp.log --attention math-jvp --activation-checkpoint full --phases 
 run 90 d_fused_ac.log --attention fused --activation-checkpoint selective,none --phases step --steps 1 \
   --label fused_selective_none
 fi
-for f in "$R"/wan_*.md; do
+for f in "$R"/wan_*.md; do  # wan_parallel.md has no FLOP legend: printed whole
   [ -f "$f" ] || continue
   echo "== $(basename "$f")"
   sed '/^Model FLOPs:/,$d' "$f"

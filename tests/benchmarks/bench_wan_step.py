@@ -336,7 +336,9 @@ class PassCounter:
     def __init__(self, nets: dict[str, torch.nn.Module]):
         self.passes: list[dict] = []
         self.enabled = False
-        self.handles = [net.register_forward_pre_hook(self._hook(name)) for name, net in nets.items()]
+        # prepend: before the batch-sharding hook (rcm_core.parallel.fsdp), so rows are the global batch's on every
+        # rank (the step's model FLOPs are then split over all ranks, data- and context-parallel alike)
+        self.handles = [net.register_forward_pre_hook(self._hook(name), prepend=True) for name, net in nets.items()]
 
     def _hook(self, name: str):
         def hook(module, args):
@@ -444,14 +446,16 @@ def run_phase(name: str, fn, device: torch.device, reps: int, warmup: int, model
 
 
 # ------------------------------------------------------------------------------------------------- full step
-def phase_fns(model: FlowModel, task: RandomLatentTask, device: torch.device, autocast: bool = False) -> dict:
-    """forward / JVP / fwd+bwd of `model` on one sample drawn from `task` at TrigFlow time 0.7 (under bf16
+def phase_fns(
+    model: FlowModel, task: RandomLatentTask, device: torch.device, autocast: bool = False, batch_size: int = 1
+) -> dict:
+    """forward / JVP / fwd+bwd of `model` on `batch_size` samples drawn from `task` at TrigFlow time 0.7 (under bf16
     autocast when the Distiller's losses run under it)."""
     gen = torch.Generator(device=device).manual_seed(1)
-    x0, cond = task.sample(1, generator=gen)
+    x0, cond = task.sample(batch_size, generator=gen)
     x_t = torch.randn(x0.shape, generator=gen, device=device)
     v = torch.randn(x0.shape, generator=gen, device=device)
-    t = torch.full((1,), 0.7, device=device)  # TrigFlow time, float32 as the Distiller draws it
+    t = torch.full((batch_size,), 0.7, device=device)  # TrigFlow time, float32 as the Distiller draws it
 
     def amp():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
@@ -485,9 +489,12 @@ def autocast_on(args, device: torch.device) -> bool:
     return args.autocast == "on" or (args.autocast == "auto" and device.type == "cuda")
 
 
-def build_distiller(args, config: dict, device: torch.device, attention: str, ac: str, task: RandomLatentTask):
+def build_distiller(
+    args, config: dict, device: torch.device, attention: str, ac: str, task: RandomLatentTask, batch_size: int = 1
+):
     """The Distiller as the worker builds it on CUDA (rcm_core.pipeline.build_distiller: bf16 autocast around the
-    losses) with the networks copied as scripts/torchrun_rcm.py does (net_copier: FSDP2, bf16 mixed precision)."""
+    losses) with the networks copied as scripts/torchrun_rcm.py does (net_copier: FSDP2, bf16 mixed precision).
+    batch_size is the global batch (a multiple of world_size / cp_degree, the data-parallel degree)."""
     from rcm_core.teachers import FAMILIES
 
     mixed = mixed_precision(args, device)
@@ -498,7 +505,7 @@ def build_distiller(args, config: dict, device: torch.device, attention: str, ac
     dconfig = DistillConfig(
         loss=LossConfig(critic_ratio=1, max_rollout_steps=1, dmd_weight=0.01),
         teacher=TeacherConfig(guidance_scale=wan.guidance_to_project(wan.default_guidance)),
-        train=TrainConfig(steps=1000, batch_size=1, seed=0, log_every=1, eval_every=0),
+        train=TrainConfig(steps=1000, batch_size=batch_size, seed=0, log_every=1, eval_every=0),
     )
     backend = "math" if attention == "math" else "auto"
     if dims.world_size > 1:  # each rank materialises only its shards
