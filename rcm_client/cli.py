@@ -1,7 +1,7 @@
 """The `rcm` command: job commands against the REST API here; everything else is rcm_core's CLI.
 
 rcm submit job.yaml|job.json    rcm jobs [--state S]    rcm status ID    rcm logs [-f] ID    rcm cancel ID
-rcm upload FILE|DIR [--name NAME]   (a teacher or prompt file, or a diffusers transformer folder, stored under
+rcm upload FILE|DIR [--name NAME] [-r]   (a teacher or prompt file, or a diffusers transformer folder, stored under
                                     this tenant's input prefix; prints the URI for the job spec)
 rcm preview ID (--prompt CAPTION ... | --prompt-embeds URI) --out grid.png   (a grid from the job's latest
                                     checkpoint, sampled on the cluster; waits for it and downloads it)
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument("file", help="a file, or a folder (its files, e.g. a diffusers transformer/ folder)")
     u.add_argument("--name", help="name under this tenant's input prefix (default: the file's or folder's name)")
+    u.add_argument("-r", "--recursive", action="store_true", help="a folder's sub-folders too (a diffusers pipeline)")
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state")
     for name in ("status", "cancel"):
@@ -120,7 +121,7 @@ def run_job_command(argv: list[str]) -> int:
                 if not any(p.is_file() for p in path.iterdir()):
                     print(f"rcm: error: {path}: no files in this folder", file=sys.stderr)
                     return 2
-                print(client.upload_folder(path, args.name)["uri"])
+                print(client.upload_folder(path, args.name, recursive=args.recursive)["uri"])
                 return 0
             if not path.is_file():
                 print(f"rcm: error: {path}: no such file", file=sys.stderr)

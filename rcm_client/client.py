@@ -62,16 +62,20 @@ class RcmClient:
         with path.open("rb") as f:
             return self._call("PUT", f"/v1/inputs/{name or path.name}", content=f, timeout=None)
 
-    def upload_folder(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
-        """Upload the files of a local folder (not its sub-folders), e.g. a diffusers `transformer/` folder as
-        save_pretrained writes it, as NAME/FILE; returns {name, uri, size}: `uri` (ending in /) is the folder."""
+    def upload_folder(self, path: str | Path, name: str | None = None, *, recursive: bool = False) -> dict[str, Any]:
+        """Upload the files of a local folder, e.g. a diffusers `transformer/` folder as save_pretrained writes it,
+        as NAME/FILE (with `recursive`, sub-folders too, as NAME/SUB/FILE: a whole diffusers pipeline for
+        POST /v1/datasets); returns {name, uri, size}: `uri` (ending in /) is the folder."""
         path = Path(path)
         folder = (name or path.name).strip("/")
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        uploaded = [self.upload(f, f"{folder}/{f.name}") for f in files]
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = sorted(
+            p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+        )
+        uploaded = [self.upload(f, f"{folder}/{f.relative_to(path).as_posix()}") for f in files]
         if not uploaded:
             raise ValueError(f"{path}: no files to upload")
-        uri = uploaded[0]["uri"].rsplit("/", 1)[0] + "/"
+        uri = uploaded[0]["uri"].removesuffix(files[0].relative_to(path).as_posix())
         return {"name": folder + "/", "uri": uri, "size": sum(u["size"] for u in uploaded)}
 
     def inputs(self) -> list[dict[str, Any]]:

@@ -787,13 +787,6 @@ def test_samples_of_a_finished_shapes_job_are_a_grid_from_its_latest_checkpoint(
     assert (teacher_like.int() - images.int()).abs().max() > 1  # not the teacher's weights: the student's
 
 
-def _upload_tree(client: RcmClient, folder: Path, name: str) -> str:
-    """Every file of a local folder, sub-folders included, as NAME/...; returns the folder's URI."""
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        out = client.upload(path, f"{name}/{path.relative_to(folder).as_posix()}")
-    return out["uri"][: out["uri"].index(f"/{name}/") + len(name) + 2]
-
-
 def test_dataset_prepared_on_the_cluster_is_a_data_uri_a_job_accepts(stack, wan_teacher, tmp_path):
     """POST /v1/datasets with a tiny random Wan pipeline (UMT5 encoder, Wan VAE, the tiny transformer) uploaded to the
     tenant's inputs: `rcm data prepare --synthesize` runs as a Ray job, the manifest appears under the tenant's
@@ -802,7 +795,7 @@ def test_dataset_prepared_on_the_cluster_is_a_data_uri_a_job_accepts(stack, wan_
 
     tok = stack["tokens"]["a"]
     client = RcmClient(API, tok)
-    pipeline = _upload_tree(client, save_wan_pipeline(tmp_path / "wan-pipe"), "wan-pipe")
+    pipeline = client.upload_folder(save_wan_pipeline(tmp_path / "wan-pipe"), "wan-pipe", recursive=True)["uri"]
     assert pipeline == INPUTS + "wan-pipe/"
     (tmp_path / "prompts.txt").write_text("a red cat on the mat\na big dog runs\na small blue sky\n")
     prompts = client.upload(tmp_path / "prompts.txt", "prep-prompts.txt")["uri"]

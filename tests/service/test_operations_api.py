@@ -207,3 +207,34 @@ def test_create_dataset_queues_prepare_and_refuses_to_overwrite(app_and_tokens):
     cluster.ray_status[sid] = ClusterJobStatus("SUCCEEDED")
     done = client.get("/v1/datasets/wan-prompts", headers=_h(tokens["a"])).json()
     assert done["state"] == "SUCCEEDED" and done["count"] == 3
+
+
+def test_client_samples_and_recursive_upload_against_the_app(app_and_tokens, jobs, tmp_path):
+    """RcmClient: `upload_folder(recursive=True)` (`rcm upload -r DIR`) keeps a pipeline's sub-folders, and
+    `samples` / `sample` / `create_dataset` / `dataset` speak the routes above."""
+    from rcm_client import RcmClient
+
+    client, tokens, cluster, _ = app_and_tokens
+    for rel in ("model_index.json", "tokenizer/spiece.model", "text_encoder/config.json", ".cache/x"):
+        (tmp_path / "pipe" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pipe" / rel).write_text(rel)
+    rcm = RcmClient("http://testserver", tokens["a"])
+    rcm.http = client  # the in-process app (TestClient is an httpx.Client)
+    client.headers["Authorization"] = f"Bearer {tokens['a']}"
+    try:
+        out = rcm.upload_folder(tmp_path / "pipe", "pipes/wan", recursive=True)
+        flat = rcm.upload_folder(tmp_path / "pipe", "pipes/flat")
+        queued = rcm.samples(jobs["wan"], prompt_embeds_uri=OWN + "embeds.safetensors", steps=1)
+        assert rcm.sample(jobs["wan"], queued["id"])["state"] == "QUEUED"
+        ds = rcm.create_dataset({**DATASET, "name": "from-client", "pipeline": {"uri": out["uri"]}})
+        assert rcm.dataset("from-client")["uri"] == ds["uri"] == OWN + "datasets/from-client/"
+    finally:
+        del client.headers["Authorization"]
+    assert out["uri"] == OWN + "pipes/wan/" and flat["uri"] == OWN + "pipes/flat/"
+    stored = {k.removeprefix("tenants/tenant-a/pipes/") for _, k in cluster.objects if "/pipes/" in k}
+    assert stored == {
+        "wan/model_index.json",
+        "wan/tokenizer/spiece.model",
+        "wan/text_encoder/config.json",
+        "flat/model_index.json",
+    }
