@@ -41,6 +41,19 @@ def load_ema_student(checkpoint_dir: Path, teacher_net: nn.Module, parameterizat
         raise ConfigError(f"{checkpoint_dir}: not a complete checkpoint (no {MANIFEST})")
     model = FlowModel(copy.deepcopy(teacher_net), parameterization).eval().requires_grad_(False)
     state = {"app": {"ema": {"model": model.state_dict()}}}
+    # The checkpoint's EMA must hold exactly this network's keys: extra ones (e.g. adapters a student was built
+    # with) would be skipped by DCP without a word, and the preview would show the wrong weights.
+    stored = {
+        k.removeprefix("app.ema.model.")
+        for k in dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+        if k.startswith("app.ema.model.")
+    }
+    if stored != set(model.state_dict()):
+        extra, missing = len(stored - set(model.state_dict())), len(set(model.state_dict()) - stored)
+        raise ConfigError(
+            f"{checkpoint_dir.name}: its EMA student is not the teacher's architecture ({extra} extra, {missing} "
+            "missing parameter(s)): this preview cannot rebuild it"
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(checkpoint_dir))  # only these keys are read

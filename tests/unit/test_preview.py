@@ -31,3 +31,13 @@ def test_load_ema_student_refuses_an_incomplete_checkpoint(tmp_path):
     (tmp_path / "step-1").mkdir()
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         preview.load_ema_student(tmp_path / "step-1", d.teacher.net, "rf")
+
+
+def test_load_ema_student_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    """A student with parameters the teacher's network lacks (e.g. adapters) is refused, not half-loaded."""
+    d = _distiller()
+    bigger = _distiller()
+    bigger.ema.model.net.register_parameter("adapter", torch.nn.Parameter(torch.zeros(2)))
+    path = save_checkpoint(bigger, tmp_path / "b", 0)
+    with pytest.raises(ConfigError, match="1 extra, 0 missing"):
+        preview.load_ema_student(path, d.teacher.net, "rf")
