@@ -754,14 +754,15 @@ def test_samples_of_a_finished_shapes_job_are_a_grid_from_its_latest_checkpoint(
     assert first["state"] == second["state"] == "QUEUED"
     r = httpx.post(url, json={"prompts": captions}, headers=_h(tok))  # both still pending (a worker takes seconds)
     assert r.status_code == 429 and "queued or running" in r.json()["detail"], r.text
-    no_ckpt = {**_spec("e2e-no-ckpt", 10), "teacher": {"uri": INPUTS + "gone.safetensors"}}  # fails at its start
-    bad = httpx.post(f"{API}/v1/jobs", json=no_ckpt, headers=_h(tok)).json()
-    r = httpx.post(f"{API}/v1/jobs/{bad['id']}/samples", json={"prompts": captions}, headers=_h(tok))
-    assert r.status_code == 409 and "has no checkpoint yet" in r.json()["detail"], r.text
     done = client.wait_sample(job["id"], first["id"], timeout=300)
     assert done["state"] == "SUCCEEDED", done
     failed = client.wait_sample(job["id"], second["id"], timeout=300)  # not a caption of the grammar
     assert failed["state"] == "FAILED" and "prompts[0]" in failed["failure_reason"], failed
+    # a shapes job that fails at its start (its teacher is not there) never has a checkpoint
+    no_ckpt = {**SHAPES_SPEC, "name": "e2e-no-ckpt", "teacher": {"uri": INPUTS + "gone.safetensors"}}
+    bad = httpx.post(f"{API}/v1/jobs", json=no_ckpt, headers=_h(tok)).json()
+    r = httpx.post(f"{API}/v1/jobs/{bad['id']}/samples", json={"prompts": captions}, headers=_h(tok))
+    assert r.status_code == 409 and "has no checkpoint yet" in r.json()["detail"], r.text
     checkpoints = client.checkpoints(job["id"])
     assert done["step"] == checkpoints[-1]["step"] == 4
     png = client.sample_file(job["id"], first["id"], "grid.png")
