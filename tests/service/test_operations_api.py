@@ -238,3 +238,23 @@ def test_client_samples_and_recursive_upload_against_the_app(app_and_tokens, job
         "wan/text_encoder/config.json",
         "flat/model_index.json",
     }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "codes"),
+    [
+        ("post", "/v1/jobs/{job_id}/samples", {"202", "401", "404", "409", "413", "422", "429", "503"}),
+        ("get", "/v1/jobs/{job_id}/samples/{sample_id}", {"200", "401", "404", "422", "429", "503"}),
+        ("get", "/v1/jobs/{job_id}/samples/{sample_id}/{file}", {"200", "401", "404", "409", "422", "429", "503"}),
+        ("post", "/v1/datasets", {"202", "401", "409", "413", "422", "429", "503"}),
+        ("get", "/v1/datasets/{name}", {"200", "401", "404", "422", "429", "503"}),
+    ],
+)
+def test_openapi_documents_every_status_code_of_the_operations(app_and_tokens, method, path, codes):
+    client = app_and_tokens[0]
+    responses = client.get("/openapi.json").json()["paths"][path][method]["responses"]
+    assert codes <= set(responses), sorted(codes - set(responses))
+    for code in codes - {"200", "202", "422"}:
+        assert responses[code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorPublic"}
+    for code in codes & {"429", "503"}:
+        assert "Retry-After" in responses[code]["headers"]
