@@ -243,10 +243,10 @@ def test_client_samples_and_recursive_upload_against_the_app(app_and_tokens, job
 @pytest.mark.parametrize(
     ("method", "path", "codes"),
     [
-        ("post", "/v1/jobs/{job_id}/samples", {"202", "401", "404", "409", "413", "422", "429", "503"}),
+        ("post", "/v1/jobs/{job_id}/samples", {"202", "400", "401", "404", "409", "413", "422", "429", "503"}),
         ("get", "/v1/jobs/{job_id}/samples/{sample_id}", {"200", "401", "404", "422", "429", "503"}),
         ("get", "/v1/jobs/{job_id}/samples/{sample_id}/{file}", {"200", "401", "404", "409", "422", "429", "503"}),
-        ("post", "/v1/datasets", {"202", "401", "409", "413", "422", "429", "503"}),
+        ("post", "/v1/datasets", {"202", "400", "401", "409", "413", "422", "429", "503"}),
         ("get", "/v1/datasets/{name}", {"200", "401", "404", "422", "429", "503"}),
     ],
 )

@@ -77,7 +77,7 @@ def _refresh_pending(session: Session, tenant: str, cluster: Cluster) -> list[Op
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DatasetPublic,
     responses={
-        **error_responses(401, 413, 429, 503),
+        **error_responses(400, 401, 413, 429, 503),
         409: {"model": ErrorPublic, "description": "A dataset of this name exists or is being prepared"},
     },
 )

@@ -106,7 +106,7 @@ def _pending(session: Session, tenant: str, cluster: Cluster) -> int:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=SamplePublic,
     responses={
-        **error_responses(401, 404, 413, 429, 503),
+        **error_responses(400, 401, 404, 413, 429, 503),
         409: {"model": ErrorPublic, "description": "The job has no complete checkpoint yet"},
     },
 )
