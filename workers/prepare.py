@@ -95,7 +95,9 @@ def run(request: dict) -> dict:
             return prepare_dataset(cfg, progress=lambda line: print(line, flush=True))
         except ConfigError as exc:  # its messages name the local copies: name the URIs instead
             text = str(exc).replace(str(prompts), prompts_uri).replace(str(pipeline), pipeline_uri.rstrip("/"))
-            raise ConfigError(text.replace("--out", "name")) from None
+            for flag, field in (("--out", "name"), ("--latent-shape", "latent_shape"), ("--pipeline", "pipeline.uri")):
+                text = text.replace(flag, field)  # the request's field names, not the CLI's
+            raise ConfigError(text) from None
 
 
 def main() -> int:
