@@ -1,8 +1,11 @@
 """The `rcm` command: job commands against the REST API here; everything else is rcm_core's CLI.
 
 rcm submit job.yaml|job.json    rcm jobs [--state S]    rcm status ID    rcm logs [-f] ID    rcm cancel ID
-rcm upload FILE|DIR [--name NAME]   (a teacher or prompt file, or a diffusers transformer folder, stored under
+rcm upload FILE|DIR [--name NAME] [-r]   (a teacher or prompt file, or a diffusers transformer folder, stored under
                                     this tenant's input prefix; prints the URI for the job spec)
+rcm preview ID (--prompt CAPTION ... | --prompt-embeds URI) --out grid.png   (a grid from the job's latest
+                                    checkpoint, sampled on the cluster; waits for it and downloads it)
+rcm dataset create REQUEST.yaml | rcm dataset status NAME   (`rcm data prepare` on the cluster)
 
 The client imports nothing of rcm_core (it installs without torch): other commands run `python -m rcm_core.cli`
 in this process's place (exec), so their output and exit status are rcm_core's own.
@@ -16,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-JOB_COMMANDS = {"submit", "jobs", "status", "logs", "cancel", "upload"}
+JOB_COMMANDS = {"submit", "jobs", "status", "logs", "cancel", "upload", "preview", "dataset"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument("file", help="a file, or a folder (its files, e.g. a diffusers transformer/ folder)")
     u.add_argument("--name", help="name under this tenant's input prefix (default: the file's or folder's name)")
+    u.add_argument("-r", "--recursive", action="store_true", help="a folder's sub-folders too (a diffusers pipeline)")
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state")
     for name in ("status", "cancel"):
@@ -44,7 +48,46 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="the job's events; -f follows them live")
     lg.add_argument("job_id")
     lg.add_argument("-f", "--follow", action="store_true")
+    pv = sub.add_parser("preview", help="a preview grid from a job's latest checkpoint, sampled on the cluster")
+    pv.add_argument("job_id")
+    pv.add_argument("--prompt", action="append", metavar="CAPTION", help="shapes jobs, repeatable: a caption")
+    pv.add_argument(
+        "--prompt-embeds", metavar="URI", help="diffusers jobs: an uploaded .safetensors of encoded prompts"
+    )
+    pv.add_argument("--steps", type=int, default=4)
+    pv.add_argument("--num-samples", type=int, default=4, help="shapes: images per prompt")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--out", required=True, help="where to write the grid (PNG); the samples go beside it")
+    ds = sub.add_parser("dataset", help="`rcm data prepare` on the cluster: create REQUEST.yaml | status NAME")
+    ds.add_argument("action", choices=["create", "status"])
+    ds.add_argument("arg", help="create: a YAML/JSON request file; status: the dataset's name")
     return p
+
+
+def _preview(client, args) -> int:
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        print("rcm: error: give --prompt (shapes jobs) or --prompt-embeds (diffusers jobs)", file=sys.stderr)
+        return 2
+    queued = client.samples(
+        args.job_id,
+        prompts=args.prompt,
+        prompt_embeds_uri=args.prompt_embeds,
+        steps=args.steps,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
+    print(f"{queued['id']}  {queued['state']}", flush=True)
+    done = client.wait_sample(args.job_id, queued["id"])
+    if done["state"] != "SUCCEEDED":
+        print(f"rcm: error: sampling failed: {done['failure_reason']}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(client.sample_file(args.job_id, queued["id"], "grid.png"))
+    samples = out.with_suffix(".safetensors")
+    samples.write_bytes(client.sample_file(args.job_id, queued["id"], "samples.safetensors"))
+    print(f"step {done['step']}: {out}, {samples}")
+    return 0
 
 
 def _fmt_event(e: dict) -> str:
@@ -78,12 +121,24 @@ def run_job_command(argv: list[str]) -> int:
                 if not any(p.is_file() for p in path.iterdir()):
                     print(f"rcm: error: {path}: no files in this folder", file=sys.stderr)
                     return 2
-                print(client.upload_folder(path, args.name)["uri"])
+                print(client.upload_folder(path, args.name, recursive=args.recursive)["uri"])
                 return 0
             if not path.is_file():
                 print(f"rcm: error: {path}: no such file", file=sys.stderr)
                 return 2
             print(client.upload(path, args.name)["uri"])
+        elif args.command == "preview":
+            return _preview(client, args)
+        elif args.command == "dataset":
+            if args.action == "status":
+                print(json.dumps(client.dataset(args.arg), indent=2))
+                return 0
+            path = Path(args.arg)
+            if not path.is_file():
+                print(f"rcm: error: {path}: no such file", file=sys.stderr)
+                return 2
+            ds = client.create_dataset(yaml.safe_load(path.read_text()))
+            print(f"{ds['name']}  {ds['state']}  {ds['uri']}")
         elif args.command == "jobs":
             for job in client.jobs(state=args.state):
                 print(f"{job['id']}  {job['state']:10s}  {job['step']:>7}/{job['total_steps']:<7}  {job['name']}")

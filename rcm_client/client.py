@@ -62,16 +62,20 @@ class RcmClient:
         with path.open("rb") as f:
             return self._call("PUT", f"/v1/inputs/{name or path.name}", content=f, timeout=None)
 
-    def upload_folder(self, path: str | Path, name: str | None = None) -> dict[str, Any]:
-        """Upload the files of a local folder (not its sub-folders), e.g. a diffusers `transformer/` folder as
-        save_pretrained writes it, as NAME/FILE; returns {name, uri, size}: `uri` (ending in /) is the folder."""
+    def upload_folder(self, path: str | Path, name: str | None = None, *, recursive: bool = False) -> dict[str, Any]:
+        """Upload the files of a local folder, e.g. a diffusers `transformer/` folder as save_pretrained writes it,
+        as NAME/FILE (with `recursive`, sub-folders too, as NAME/SUB/FILE: a whole diffusers pipeline for
+        POST /v1/datasets); returns {name, uri, size}: `uri` (ending in /) is the folder."""
         path = Path(path)
         folder = (name or path.name).strip("/")
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        uploaded = [self.upload(f, f"{folder}/{f.name}") for f in files]
+        found = path.rglob("*") if recursive else path.iterdir()
+        files = sorted(
+            p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+        )
+        uploaded = [self.upload(f, f"{folder}/{f.relative_to(path).as_posix()}") for f in files]
         if not uploaded:
             raise ValueError(f"{path}: no files to upload")
-        uri = uploaded[0]["uri"].rsplit("/", 1)[0] + "/"
+        uri = uploaded[0]["uri"].removesuffix(files[0].relative_to(path).as_posix())
         return {"name": folder + "/", "uri": uri, "size": sum(u["size"] for u in uploaded)}
 
     def inputs(self) -> list[dict[str, Any]]:
@@ -89,6 +93,51 @@ class RcmClient:
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job_id}/checkpoints")
+
+    def samples(
+        self,
+        job_id: str,
+        *,
+        prompts: list[str] | None = None,
+        prompt_embeds_uri: str | None = None,
+        steps: int = 4,
+        num_samples: int = 4,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Queue a preview of the job's latest checkpoint (POST /v1/jobs/{id}/samples): captions for a shapes job,
+        an uploaded prompt-embeddings .safetensors URI for a diffusers job. Returns the request (its `id`, `state`)."""
+        body: dict[str, Any] = {"steps": steps, "num_samples": num_samples, "seed": seed}
+        body |= {"prompts": prompts} if prompts is not None else {"prompt_embeds_uri": prompt_embeds_uri}
+        return self._call("POST", f"/v1/jobs/{job_id}/samples", json=body)
+
+    def sample(self, job_id: str, sample_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}/samples/{sample_id}")
+
+    def wait_sample(self, job_id: str, sample_id: str, *, timeout: float = 600.0, poll_s: float = 1.0) -> dict:
+        """Poll a sample request until SUCCEEDED or FAILED (TimeoutError after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sample = self.sample(job_id, sample_id)
+            if sample["state"] in ("SUCCEEDED", "FAILED"):
+                return sample
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sample request {sample_id} still {sample['state']} after {timeout:.0f} s")
+            time.sleep(poll_s)
+
+    def sample_file(self, job_id: str, sample_id: str, name: str = "grid.png") -> bytes:
+        """A finished sample request's grid.png or samples.safetensors."""
+        r = self.http.get(f"/v1/jobs/{job_id}/samples/{sample_id}/{name}", timeout=None)
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, r.json().get("detail", r.text))
+        return r.content
+
+    def create_dataset(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Queue `rcm data prepare` on the cluster (POST /v1/datasets): {name, prompts: {uri}, pipeline: {uri},
+        synthesize?, latent_shape?, ...}; the dataset's `uri` is what a job's data.uri takes once SUCCEEDED."""
+        return self._call("POST", "/v1/datasets", json=request)
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/datasets/{name}")
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job_id}/events")

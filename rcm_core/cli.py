@@ -205,34 +205,33 @@ def cmd_sample(args) -> int:
 
 
 def _sample_shapes(model, cfg: DistillConfig, args, out: Path) -> int:
-    """Images of a text-to-image student: `num_samples` per prompt, one grid row each.
-
-    Each prompt is sampled on its own from `seed`, so its images do not depend on the other prompts or their order.
-    """
-    import numpy as np
+    """Images of a text-to-image student: `num_samples` per prompt, one grid row each (rcm_core.preview)."""
     import torch
 
-    from rcm_core.data.shapes import parse_caption
+    from rcm_core import preview
     from rcm_core.eval import shapes as ev
 
     if out.suffix not in (".png", ".pt"):
         raise ConfigError(f"--out: a shapes checkpoint writes .png (grid) or .pt (uint8 images), got {out.name!r}")
-    try:
-        prompts = [parse_caption(c) for c in (args.prompt or ev.GRID_PROMPTS)]
-    except ValueError as e:
-        raise ConfigError(f"--prompt: {e}") from None
     n = args.num_samples or 8
-    sampler = ev.student_sampler(model, mid_times=cfg.eval.student_mid_times)
-    images = np.concatenate([sampler([p] * n, args.steps, args.seed) for p in prompts])
-    captions = [p.caption() for p in prompts]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
-        rows = {f"{c} ({args.steps}-step)": images[i * n : (i + 1) * n] for i, c in enumerate(captions)}
-        ev.image_grid(rows, out, columns=min(n, 16))
-    else:
-        torch.save({"images": torch.from_numpy(images), "captions": [c for c in captions for _ in range(n)]}, out)
+    captions = args.prompt or ev.GRID_PROMPTS
+    try:
+        images, labels = preview.shapes_grid(
+            model,
+            cfg,
+            captions,
+            num_samples=n,
+            steps=args.steps,
+            seed=args.seed,
+            grid=out if out.suffix == ".png" else None,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"--prompt: {e}") from None
+    if out.suffix == ".pt":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "captions": labels}, out)
     shown = " (16 a row shown in the grid; .pt keeps all)" if out.suffix == ".png" and n > 16 else ""
-    print(f"[sample] {n} image(s) for each of {len(prompts)} prompt(s), {args.steps} step(s) -> {out}{shown}")
+    print(f"[sample] {n} image(s) for each of {len(captions)} prompt(s), {args.steps} step(s) -> {out}{shown}")
     return 0
 
 

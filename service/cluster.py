@@ -57,6 +57,7 @@ class ClusterUnavailable(Exception):
 class Cluster(Protocol):
     def create_run(self, experiment: str, job_id: str, name: str) -> str: ...
     def submit(self, job_id: str, spec: dict[str, Any], run_id: str) -> str: ...
+    def submit_task(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> str: ...
     def status(self, submission_id: str) -> ClusterJobStatus: ...
     def request_cancel(self, job_id: str) -> None: ...
     def stop(self, submission_id: str) -> None: ...
@@ -168,6 +169,23 @@ class RayCluster:
         r = self.ray.post("/api/jobs/", json=body)
         r.raise_for_status()
         return r.json()["submission_id"]
+
+    def submit_task(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> str:
+        """Run `entrypoint` as one Ray job (a sample preview, a dataset preparation: service/operations.py) with
+        the S3 endpoint, checkpoint bucket and `env`; it asks Ray for TASK_CPUS CPUs, so it waits PENDING while
+        training holds them. No secrets here either (see `submit`)."""
+        s = self.settings
+        base = {"RCM_S3_ENDPOINT_URL": s.S3_ENDPOINT_URL, "RCM_S3_REGION": s.S3_REGION}
+        body = {
+            "entrypoint": entrypoint,
+            "submission_id": submission_id,
+            "runtime_env": {"env_vars": {**base, "RCM_CHECKPOINT_BUCKET": s.CHECKPOINT_BUCKET, **env}},
+            "entrypoint_num_cpus": s.TASK_CPUS,
+            "metadata": {"rcm_task": submission_id},
+        }
+        r = self.ray.post("/api/jobs/", json=body)
+        r.raise_for_status()
+        return str(r.json()["submission_id"])
 
     def status(self, submission_id: str) -> ClusterJobStatus:
         r = self.ray.get(f"/api/jobs/{submission_id}")

@@ -38,7 +38,8 @@ def input_prefix_uri(settings: Settings, tenant: str) -> str:
     return f"s3://{settings.INPUTS_BUCKET}/{input_key(settings, tenant, '')}"
 
 
-def _inside(uri: str, prefix: str) -> bool:
+def inside(uri: str, prefix: str) -> bool:
+    """Whether `uri` names an object (or a folder, one trailing /) under `prefix`, with no empty, . or .. segment."""
     if not uri.startswith(prefix):
         return False
     rest = uri.removeprefix(prefix)
@@ -52,7 +53,7 @@ def input_errors(spec: JobCreate, tenant: str, settings: Settings) -> list[dict[
     prefix, errors = input_prefix_uri(settings, tenant), []
     for loc, read in URI_FIELDS:
         value = read(spec)
-        if value is None or not value.startswith("s3://") or _inside(value, prefix):
+        if value is None or not value.startswith("s3://") or inside(value, prefix):
             continue  # builtin: teachers and the prompt directory are checked by the schema
         errors.append(
             {

@@ -318,6 +318,24 @@ class KubeRayCluster(RayCluster):
             self._rejected[name] = f"Kubernetes rejected the RayJob: {exc.status} {exc.reason}: {exc.body}"[:2000]
         return name
 
+    def submit_task(self, submission_id: str, entrypoint: str, env: dict[str, str]) -> str:
+        """One operation (sample preview, dataset preparation) as a RayJob of one CPU worker, named as the
+        ray-jobs backend names its submission (`rcm-<kind letter>-<id>`), with the S3 endpoint and `env`."""
+        from kubernetes.client.exceptions import ApiException
+
+        s = self.settings
+        body = build_rayjob(submission_id.removeprefix("rcm-"), {"resources": {"num_workers": 1}}, "", s)
+        task_env = {"RCM_S3_ENDPOINT_URL": s.S3_ENDPOINT_URL, "RCM_S3_REGION": s.S3_REGION}
+        task_env |= {"RCM_CHECKPOINT_BUCKET": s.CHECKPOINT_BUCKET, **env}
+        body["spec"]["entrypoint"] = entrypoint
+        body["spec"]["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": task_env}, width=2**20)
+        try:
+            self._call("create_namespaced_custom_object", body=body)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: created already by an earlier try of this request
+                raise KubernetesUnavailable(f"Kubernetes API: {exc.status} {exc.reason}") from exc
+        return str(body["metadata"]["name"])
+
     def read(self, name: str) -> dict[str, Any] | None:
         """The RayJob object, or None if it does not exist."""
         from kubernetes.client.exceptions import ApiException

@@ -11,7 +11,7 @@ from starlette.types import Scope
 from service.api.errors import install_error_handlers
 from service.api.limits import install_limits
 from service.api.middleware import BodySizeLimit
-from service.api.routes import events, health, inputs, jobs
+from service.api.routes import datasets, events, health, inputs, jobs, samples
 from service.cluster import RayCluster
 from service.db import make_engine, make_sessionmaker, run_migrations
 from service.reconciler import Limits, Reconciler
@@ -61,5 +61,7 @@ app.include_router(health.router)
 app.include_router(jobs.router)
 app.include_router(events.router)
 app.include_router(inputs.router)
+app.include_router(samples.router)
+app.include_router(datasets.router)
 install_error_handlers(app)
 app.add_middleware(BodySizeLimit, max_bytes=_body_limit)

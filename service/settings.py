@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     START_TIMEOUT_S: float = Field(1800.0, gt=0)  # a job whose workers have not started by then fails (seconds)
     MAX_RESUBMITS: int = Field(2, ge=0)  # a job the cluster lost (head restart) is resubmitted this often
     WORKER_ENTRYPOINT: str = "python -m workers.entrypoint"
+    # Operations besides training, each one Ray job (service/operations.py): sample previews and dataset preparation.
+    SAMPLES_ENTRYPOINT: str = "python -m workers.samples"
+    PREPARE_ENTRYPOINT: str = "python -m workers.prepare"
+    TASK_CPUS: float = Field(1.0, ge=0)  # CPUs Ray reserves for one such job (it waits PENDING until free)
+    MAX_PENDING_SAMPLES_PER_TENANT: int = Field(2, ge=1)  # queued or running sample requests; more get 429
+    MAX_PENDING_DATASETS_PER_TENANT: int = Field(2, ge=1)  # queued or running dataset preparations; more get 429
     # Where jobs run: "ray-jobs" submits to one Ray cluster's Jobs API, "kuberay" creates a RayJob per job.
     CLUSTER_BACKEND: Literal["ray-jobs", "kuberay"] = "ray-jobs"
     KUBERAY_NAMESPACE: str = "rcm"  # namespace of the RayJobs (the control plane's own; RBAC is namespaced)

@@ -597,3 +597,20 @@ def test_example_in_the_docs_is_current():
     *rest, spec = split_spec(committed)
     assert rest == list(split_spec(example_rayjob())[:2]), "regenerate: python -m tests.deploy.example_rayjob"
     JobCreate.model_validate(spec)
+
+
+def test_submit_task_creates_a_one_worker_rayjob_for_an_operation(kuberay):
+    """Sample previews and dataset preparation (service/operations.py) on KubeRay: a valid RayJob named as the Ray
+    submission, running the operation's entry point with its env (no secrets), followed like a job's."""
+    cluster, api = kuberay
+    env = {"RCM_SAMPLE_ID": "s1", "RCM_SAMPLE_REQUEST": '{"steps": 2}'}
+    name = cluster.submit_task(f"rcm-s-{JOB_ID}", "python -m workers.samples", env)
+    assert name == f"rcm-s-{JOB_ID}" and api.objects[name]["spec"]["entrypoint"] == "python -m workers.samples"
+    obj = api.objects[name]
+    assert checks.custom_resource_errors(obj) == []
+    task_env = yaml.safe_load(obj["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert task_env["RCM_SAMPLE_REQUEST"] == '{"steps": 2}' and task_env["RCM_CHECKPOINT_BUCKET"] == "ckpt"
+    assert not any("SECRET" in k or "ACCESS_KEY" in k for k in task_env)
+    assert obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
+    assert cluster.submit_task(name, "python -m workers.samples", env) == name  # a retry: the same RayJob
+    assert cluster.status(name).status == "PENDING"

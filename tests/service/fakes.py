@@ -14,6 +14,8 @@ class FakeCluster:
         self.fail_submit = False
         self.objects: dict[tuple[str, str], bytes] = {}  # (bucket, key) -> body: tenant inputs
         self.effective: dict[str, dict] = {}
+        self.tasks: list[tuple[str, str, dict]] = []  # submit_task calls: (submission id, entrypoint, env)
+        self.no_checkpoints: set[str] = set()  # job ids whose checkpoints() is empty
 
     def create_run(self, experiment, job_id, name):
         return f"run-{job_id}"
@@ -26,6 +28,15 @@ class FakeCluster:
         self.submitted.append(job_id)
         self.ray_status[f"rcm-{job_id}"] = ClusterJobStatus("PENDING")
         return f"rcm-{job_id}"
+
+    def submit_task(self, submission_id, entrypoint, env):
+        if self.fail_submit:
+            import httpx
+
+            raise httpx.ConnectError("ray down")
+        self.tasks.append((submission_id, entrypoint, env))
+        self.ray_status[submission_id] = ClusterJobStatus("PENDING")
+        return submission_id
 
     def status(self, submission_id):
         return self.ray_status[submission_id]
@@ -46,6 +57,8 @@ class FakeCluster:
         return f"http://mlflow/#/runs/{run_id}"
 
     def checkpoints(self, job_id):
+        if job_id in self.no_checkpoints:
+            return []
         return [{"step": 50, "uri": f"s3://ckpt/ray/{job_id}/checkpoint_1"}]
 
     def put_input(self, bucket, key, body):

@@ -721,3 +721,115 @@ def test_stored_dataset_the_teacher_cannot_use_is_refused_with_the_field(stack, 
         assert r.status_code == 422, r.text
         assert any(e["loc"] == ["body", "data", "uri"] and expected in e["msg"] for e in r.json()["detail"]), r.text
     assert httpx.get(f"{API}/v1/jobs", headers=_h(tok)).json()["data"] == before
+
+
+# -- sample previews and dataset preparation on the cluster (issue 18, items 5 and 2) -------------------------------
+def test_samples_of_a_finished_shapes_job_are_a_grid_from_its_latest_checkpoint(stack, shapes_job, tmp_path):
+    """POST /v1/jobs/{id}/samples on the finished shapes job: queued as Ray jobs (a third while two are pending is a
+    429), bounds and another tenant refused, a job without a checkpoint a 409; the grid PNG and the images come back
+    through the API and equal the EMA student of the job's newest checkpoint sampled here."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import load
+
+    from rcm_core import preview
+    from rcm_core.models.flow import FlowModel
+    from rcm_core.tasks import get_task
+    from workers.spec import job_config
+
+    tok, other = stack["tokens"]["a"], stack["tokens"]["b"]
+    job = shapes_job[0]
+    url = f"{API}/v1/jobs/{job['id']}/samples"
+    captions = ["a photo of a red circle", "a photo of two squares"]
+    r = httpx.post(url, json={"prompts": captions}, headers=_h(other))
+    assert r.status_code == 404, r.text  # another tenant's job does not exist
+    r = httpx.post(url, json={"prompts": captions * 9, "steps": 9}, headers=_h(tok))
+    assert r.status_code == 422 and {tuple(e["loc"]) for e in r.json()["detail"]} == {
+        ("body", "prompts"),
+        ("body", "steps"),
+    }, r.text
+    client = RcmClient(API, tok)
+    first = client.samples(job["id"], prompts=captions, steps=2, num_samples=3, seed=11)
+    second = client.samples(job["id"], prompts=["a photo of a purple hexagon"], steps=1, num_samples=1)
+    assert first["state"] == second["state"] == "QUEUED"
+    r = httpx.post(url, json={"prompts": captions}, headers=_h(tok))  # both still pending (a worker takes seconds)
+    assert r.status_code == 429 and "queued or running" in r.json()["detail"], r.text
+    done = client.wait_sample(job["id"], first["id"], timeout=300)
+    assert done["state"] == "SUCCEEDED", done
+    failed = client.wait_sample(job["id"], second["id"], timeout=300)  # not a caption of the grammar
+    assert failed["state"] == "FAILED" and "prompts[0]" in failed["failure_reason"], failed
+    # a shapes job that fails at its start (its teacher is not there) never has a checkpoint
+    no_ckpt = {**SHAPES_SPEC, "name": "e2e-no-ckpt", "teacher": {"uri": INPUTS + "gone.safetensors"}}
+    bad = httpx.post(f"{API}/v1/jobs", json=no_ckpt, headers=_h(tok)).json()
+    r = httpx.post(f"{API}/v1/jobs/{bad['id']}/samples", json={"prompts": captions}, headers=_h(tok))
+    assert r.status_code == 409 and "has no checkpoint yet" in r.json()["detail"], r.text
+    checkpoints = client.checkpoints(job["id"])
+    assert done["step"] == checkpoints[-1]["step"] == 4
+    png = client.sample_file(job["id"], first["id"], "grid.png")
+    grid = Image.open(__import__("io").BytesIO(png))
+    assert grid.format == "PNG" and grid.size[1] == 2 * (32 * 3 + 4)  # one row per caption
+    images = load(client.sample_file(job["id"], first["id"], "samples.safetensors"))["images"]
+    assert images.shape == (6, 32, 32, 3) and images.dtype == torch.uint8 and images.float().std() > 0
+    assert httpx.get(f"{url}/{first['id']}/grid.png", headers=_h(other)).status_code == 404
+    # the same preview here, from the newest checkpoint in S3: the worker sampled that checkpoint's EMA student
+    prefix = checkpoints[-1]["uri"].removeprefix("s3://ckpt/") + "/"
+    local = tmp_path / "ckpt"
+    for obj in stack["s3"].list_objects_v2(Bucket="ckpt", Prefix=prefix)["Contents"]:
+        if not obj["Key"].endswith("/"):
+            (local / obj["Key"].removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
+            stack["s3"].download_file("ckpt", obj["Key"], str(local / obj["Key"].removeprefix(prefix)))
+    cfg = job_config(SHAPES_SPEC, output_dir=str(tmp_path / "run")).distill
+    net, meta = get_task("shapes").builtin_teacher(cfg)
+    model = preview.load_ema_student(local, net, meta["parameterization"])
+    mine, _ = preview.shapes_grid(model, cfg, captions, num_samples=3, steps=2, seed=11)
+    assert (mine.int() - images.int()).abs().max() <= 1  # uint8 images; threads may order float sums differently
+    teacher = FlowModel(net, meta["parameterization"]).eval()
+    teacher_like, _ = preview.shapes_grid(teacher, cfg, captions, num_samples=3, steps=2, seed=11)
+    assert (teacher_like.int() - images.int()).abs().max() > 1  # not the teacher's weights: the student's
+
+
+def test_dataset_prepared_on_the_cluster_is_a_data_uri_a_job_accepts(stack, wan_teacher, tmp_path):
+    """POST /v1/datasets with a tiny random Wan pipeline (UMT5 encoder, Wan VAE, the tiny transformer) uploaded to the
+    tenant's inputs: `rcm data prepare --synthesize` runs as a Ray job, the manifest appears under the tenant's
+    datasets/<name>/, the same name again is a 409, a foreign URI a 422, and a job takes the URI as data.uri."""
+    from tests.teachers.pipeline_tiny import save_wan_pipeline
+
+    tok = stack["tokens"]["a"]
+    client = RcmClient(API, tok)
+    pipeline = client.upload_folder(save_wan_pipeline(tmp_path / "wan-pipe"), "wan-pipe", recursive=True)["uri"]
+    assert pipeline == INPUTS + "wan-pipe/"
+    (tmp_path / "prompts.txt").write_text("a red cat on the mat\na big dog runs\na small blue sky\n")
+    prompts = client.upload(tmp_path / "prompts.txt", "prep-prompts.txt")["uri"]
+    request = {
+        "name": "wan-synth",
+        "prompts": {"uri": prompts},
+        "pipeline": {"uri": pipeline},
+        "synthesize": True,
+        "latent_shape": [4, 2, 4, 4],
+        "steps": 2,
+        "max_sequence_length": 6,
+        "samples_per_shard": 2,
+    }
+    r = httpx.post(f"{API}/v1/datasets", json={**request, "prompts": {"uri": "s3://ckpt/tenants/other/p.txt"}},
+                   headers=_h(tok))  # fmt: skip
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompts", "uri"], r.text
+    queued = client.create_dataset(request)
+    assert queued["state"] == "QUEUED" and queued["uri"] == INPUTS + "datasets/wan-synth/"
+    r = httpx.post(f"{API}/v1/datasets", json=request, headers=_h(tok))
+    assert r.status_code == 409, r.text  # being prepared
+    deadline = time.monotonic() + 300
+    while (ds := client.dataset("wan-synth"))["state"] not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ds["state"] == "SUCCEEDED" and ds["count"] == 3, ds
+    key = "tenants/demo/datasets/wan-synth/manifest.json"
+    manifest = json.loads(stack["s3"].get_object(Bucket="ckpt", Key=key)["Body"].read())
+    assert manifest["count"] == 3 and manifest["latent"]["shape"] == [4, 2, 4, 4] and manifest["text"]["dim"] == 24
+    assert manifest["extra"]["latents"] == "teacher" and len(manifest["shards"]) == 2
+    r = httpx.post(f"{API}/v1/datasets", json=request, headers=_h(tok))
+    assert r.status_code == 409 and "already holds files" in r.json()["detail"], r.text  # nothing overwritten
+    spec = {"name": "e2e-on-prepared", "teacher": {"uri": WAN_FOLDER}, "data": {"uri": ds["uri"]},
+            "schedule": {"steps": 1, "batch_size": 1}}  # fmt: skip
+    r = httpx.post(f"{API}/v1/jobs", json=spec, headers=_h(tok))
+    assert r.status_code == 202 and r.json()["spec"]["data"]["uri"] == ds["uri"], r.text  # the manifest checks passed
+    httpx.post(f"{API}/v1/jobs/{r.json()['id']}/cancel", headers=_h(tok))
+    _wait(tok, r.json()["id"], lambda j: j["state"] in ("CANCELLED", "SUCCEEDED"), timeout=240)
