@@ -22,16 +22,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcm_core.config import ConfigError, DistillConfig
+from rcm_core.config import ConfigError, DistillConfig, LoraConfig
 from rcm_core.models.flow import FlowModel
 
 
-def load_ema_student(checkpoint_dir: Path, teacher_net: nn.Module, parameterization: str) -> FlowModel:
+def load_ema_student(
+    checkpoint_dir: Path, teacher_net: nn.Module, parameterization: str, lora: LoraConfig | None = None
+) -> FlowModel:
     """The EMA student of a checkpoint directory (DCP shards, any number of ranks): a copy of the teacher's
-    network with the checkpoint's `ema.model` weights.
+    network with the checkpoint's `ema.model` weights. With `lora` (the job's student.lora), the student is the
+    teacher's network with those adapters (rcm_core.teachers.lora.with_adapters) and the checkpoint's EMA holds the
+    averaged adapters alone (the base weights are the teacher's).
 
     Raises:
-        ConfigError: the directory holds no complete checkpoint.
+        ConfigError: the directory holds no complete checkpoint, or its EMA is not this network's.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -39,8 +43,16 @@ def load_ema_student(checkpoint_dir: Path, teacher_net: nn.Module, parameterizat
 
     if not (checkpoint_dir / MANIFEST).is_file():
         raise ConfigError(f"{checkpoint_dir}: not a complete checkpoint (no {MANIFEST})")
-    model = FlowModel(copy.deepcopy(teacher_net), parameterization).eval().requires_grad_(False)
-    state = {"app": {"ema": {"model": model.state_dict()}}}
+    net = copy.deepcopy(teacher_net)
+    if lora is not None:
+        from rcm_core.teachers.lora import is_adapter, with_adapters
+
+        net = with_adapters(net, lora)
+    model = FlowModel(net, parameterization).eval().requires_grad_(False)
+    wanted = model.state_dict()
+    if lora is not None:  # the EMA of a LoRA student averages and saves the adapters only (rcm_core.ema)
+        wanted = {k: v for k, v in wanted.items() if is_adapter(k)}
+    state = {"app": {"ema": {"model": wanted}}}
     # The checkpoint's EMA must hold exactly this network's keys: extra ones (e.g. adapters a student was built
     # with) would be skipped by DCP without a word, and the preview would show the wrong weights.
     stored = {
@@ -48,8 +60,8 @@ def load_ema_student(checkpoint_dir: Path, teacher_net: nn.Module, parameterizat
         for k in dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
         if k.startswith("app.ema.model.")
     }
-    if stored != set(model.state_dict()):
-        extra, missing = len(stored - set(model.state_dict())), len(set(model.state_dict()) - stored)
+    if stored != set(wanted):
+        extra, missing = len(stored - set(wanted)), len(set(wanted) - stored)
         raise ConfigError(
             f"{checkpoint_dir.name}: its EMA student is not the teacher's architecture ({extra} extra, {missing} "
             "missing parameter(s)): this preview cannot rebuild it"
@@ -57,7 +69,9 @@ def load_ema_student(checkpoint_dir: Path, teacher_net: nn.Module, parameterizat
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(checkpoint_dir))  # only these keys are read
-    model.load_state_dict(state["app"]["ema"]["model"])
+    result = model.load_state_dict(state["app"]["ema"]["model"], strict=lora is None)
+    if result.unexpected_keys:  # (strict=False with LoRA: the base weights stay the teacher's, as loaded above)
+        raise ConfigError(f"{checkpoint_dir.name}: unexpected EMA parameters {result.unexpected_keys[:3]}")
     return model
 
 

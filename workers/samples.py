@@ -97,7 +97,7 @@ def run(job_id: str, sample_id: str, spec: dict, request: dict, teacher_uri: str
         with checkpointing.restore_latest(job_id) as ckpt:
             if ckpt is None:
                 raise ConfigError(f"job {job_id} has no complete checkpoint")
-            model = preview.load_ema_student(ckpt, net, meta["parameterization"])
+            model = preview.load_ema_student(ckpt, net, meta["parameterization"], job.distill.student.lora)
             step = preview.checkpoint_step(ckpt)
         if task.name == "shapes":
             images, captions = preview.shapes_grid(

@@ -137,6 +137,24 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(run):
         assert torch.equal(resumed.student.net.state_dict()[k], v), k
 
 
+def test_preview_loads_a_lora_students_ema_from_its_checkpoint(run):
+    """What a sample request (`POST /v1/jobs/{id}/samples`, rcm_core.preview) loads from a LoRA job's checkpoint:
+    the teacher's network with the job's adapters and the checkpoint's averaged adapters; without the job's LoRA
+    settings the checkpoint is refused (its EMA holds parameters the bare teacher lacks), not half-loaded."""
+    from rcm_core import preview
+
+    d, cfg, tmp = run["distiller"], run["cfg"], run["tmp"]
+    last = tmp / "run" / "checkpoints" / "step-3"
+    teacher_net, _, _ = pipeline.get_teacher(cfg)
+    model = preview.load_ema_student(last, teacher_net, "rf", cfg.student.lora)
+    got, want = model.state_dict(), d.ema.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), "the preview's weights are not the job's EMA student"
+    assert any(is_adapter(k) and ".lora_B." in k and got[k].abs().max() > 0 for k in got)
+    with pytest.raises(ConfigError, match="extra"):
+        preview.load_ema_student(last, teacher_net, "rf")
+
+
 @pytest.fixture(scope="module")
 def exported(run):
     """The EMA student's final report (samples.safetensors) and its export, as the worker writes them."""
