@@ -312,6 +312,8 @@ def dockerignore_patterns() -> list[str]:
 # Read somewhere in the repository but deliberately set by no deployment file, each with the reason.
 NOT_DEPLOYED = {
     "PATH": "the system's",
+    "RCM_GIT_COMMIT": "the GPU scripts (scripts/gpu/moving_shapes.sh) on a copy of the checkout without .git: the "
+    "commit recorded in a trained moving-shapes teacher's metadata",
     "RCM_DATA_DIR": "the local loopback stack (scripts/stack.py) and the client's demo-token lookup",
     "RCM_STACK_PORTS": "the local loopback stack (scripts/stack.py): fixed demo ports or free ones for tests",
     "RCM_API_TOKEN": "the client CLI (rcm_client) on a user's machine",
@@ -349,10 +351,19 @@ def per_job_env() -> set[str]:
     return set(job_env("j", {}, "r", Settings(S3_ACCESS_KEY="k", S3_SECRET_KEY="s")))
 
 
+def per_operation_env() -> set[str]:
+    """Variables the API routes hand one operation's Ray job (a sample request, a dataset preparation) on top of
+    the job env: the `"RCM_...": value` entries of the env dicts written in service/api/routes."""
+    names: set[str] = set()
+    for path in (ROOT / "service" / "api" / "routes").glob("*.py"):
+        names |= set(re.findall(r'"(RCM_[A-Z0-9_]+)":', path.read_text()))
+    return names
+
+
 def api_reads(backend: str) -> set[str]:
     return (settings_fields() | set(env_reads("service"))) - backend_only(backend) - NOT_DEPLOYED.keys()
 
 
 def ray_node_reads() -> set[str]:
     """What the worker code reads that must come from the Ray node's own environment (the S3 keys)."""
-    return set(env_reads("workers")) - per_job_env() - NOT_DEPLOYED.keys()
+    return set(env_reads("workers")) - per_job_env() - per_operation_env() - NOT_DEPLOYED.keys()

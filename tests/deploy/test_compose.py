@@ -150,7 +150,7 @@ def test_every_variable_read_anywhere_is_deployed_or_listed():
     """A new os.environ read anywhere must be set by a deployment (checked above and in test_kubernetes.py) or
     listed in checks.NOT_DEPLOYED with the reason it is left unset."""
     reads = checks.env_reads("service", "workers", "scripts", "rcm_core", "rcm_client", "deploy")
-    deployed = checks.settings_fields() | checks.per_job_env() | checks.ray_node_reads()
+    deployed = checks.settings_fields() | checks.per_job_env() | checks.per_operation_env() | checks.ray_node_reads()
     deployed |= set(checks.env_reads("deploy/compose"))
     unaccounted = {
         var: sorted(files) for var, files in reads.items() if var not in deployed | checks.NOT_DEPLOYED.keys()
