@@ -6,6 +6,7 @@ The shapes path runs through the whole service in tests/service/test_e2e_stack.p
 
 import json
 
+import boto3
 import pytest
 import torch
 from safetensors.torch import load, save_file
@@ -61,6 +62,7 @@ def _run(stored, monkeypatch, request, job=JOB, sid="s1"):
 
     for k, v in stored["env"].items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 caches the first credentials a process resolves
     return samples.run(job, sid, SPEC, request, TEACHER, "wan2.1")
 
 
