@@ -163,29 +163,12 @@ def parse_caption(caption: str) -> MovingPrompt:
 
 
 def load_prompt_file(path) -> list[MovingPrompt]:
-    """Prompts from a UTF-8 text file, one caption per line; blank lines and lines starting with # are skipped.
+    """Prompts from a UTF-8 text file, one caption per line (the shapes loader's rules, this grammar's parser).
 
     Raises ValueError naming the file and line of the first caption the grammar cannot parse, or if the file
     holds no caption at all.
     """
-    from pathlib import Path
-
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"prompt file {p}: cannot read it ({exc})") from None
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            prompts.append(parse_caption(line))
-        except ValueError as exc:
-            raise ValueError(f"prompt file {p}, line {number}: {exc}") from None
-    if not prompts:
-        raise ValueError(f"prompt file {p}: no captions (one per line expected)")
-    return prompts
+    return shapes.load_prompt_file(path, parse=parse_caption)
 
 
 # ----------------------------------------------------------------------------------------------- rendering

@@ -138,8 +138,9 @@ def _prompts_by_caption() -> dict[str, Prompt]:
     return {p.caption(): p for p in all_prompts()}
 
 
-def load_prompt_file(path) -> list[Prompt]:
+def load_prompt_file(path, parse=None) -> list:
     """Prompts from a UTF-8 text file, one caption per line; blank lines and lines starting with # are skipped.
+    `parse` turns a caption into a prompt (default: this grammar's parse_caption; moving_shapes passes its own).
 
     Raises ValueError naming the file and line of the first caption the grammar cannot parse, or if the file
     holds no caption at all.
@@ -156,7 +157,7 @@ def load_prompt_file(path) -> list[Prompt]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            prompts.append(parse_caption(line))
+            prompts.append((parse or parse_caption)(line))
         except ValueError as exc:
             raise ValueError(f"prompt file {p}, line {number}: {exc}") from None
     if not prompts:
